@@ -1,0 +1,43 @@
+# t2vu developer tasks. `make test` sets everything up from scratch and runs the tests.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# On a machine without a GPU install the CPU build of torch first (an unpinned
+# torch pulls a multi-GB CUDA build). Elsewhere: make setup TORCH=
+TORCH ?= torch==2.13.0
+export HF_HUB_OFFLINE := 1
+export OMP_NUM_THREADS := 1
+
+.PHONY: setup test demo bench check-wheel clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml tests/plugins/t2vu-example/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if [ -n "$(TORCH)" ]; then $(PY) -m pip install -q "$(TORCH)"; fi
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps ./tests/plugins/t2vu-example
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	$(VENV)/bin/t2vu run examples/cogvideox-5b-nudity.yaml --dry-run
+
+bench: setup
+	$(PY) benchmarks/cli_startup.py
+
+# Build the wheel, install it into a fresh virtual environment, run the CLI from it.
+check-wheel: setup
+	rm -rf dist build/wheel-venv
+	$(PY) -m build --wheel -q --outdir dist .
+	$(PYTHON) -m venv build/wheel-venv
+	@if [ -n "$(TORCH)" ]; then build/wheel-venv/bin/pip install -q "$(TORCH)"; fi
+	build/wheel-venv/bin/pip install -q dist/t2vu-*.whl
+	cd /tmp && $(CURDIR)/build/wheel-venv/bin/t2vu plugins list
+	cd /tmp && $(CURDIR)/build/wheel-venv/bin/python -c "import t2vu.core, importlib.util as u; assert u.find_spec('core') is None and u.find_spec('plugins') is None; print('wheel ok')"
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

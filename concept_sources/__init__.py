@@ -1,0 +1,1 @@
+"""t2vu.concept_sources."""

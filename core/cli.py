@@ -1,0 +1,207 @@
+"""The ``t2vu`` command line (Typer + rich).
+
+Light commands (``--help``, ``plugins list``, ``spec ...``) import neither
+torch nor diffusers: heavy modules are imported inside the commands that
+train or generate.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from t2vu import __version__
+from t2vu.core import plugins as plugin_manager
+from t2vu.core.errors import T2VUError
+from t2vu.core.registry import KINDS, ComponentUnavailable
+from t2vu.core.spec import SpecError
+
+console = Console()
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    name="t2vu",
+    help="Erase concepts from text-to-video diffusion transformers by training small eraser adapters.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="Examples:\n\n  t2vu run examples/cogvideox-5b-nudity.yaml --set training.steps=10\n\n"
+           "  t2vu plugins list --kind loss\n\n  t2vu spec init --backbone cogvideox > spec.yaml",
+)
+plugins_app = typer.Typer(help="Inspect installed plugins.", no_args_is_help=True)
+spec_app = typer.Typer(help="Validate, export and start run specs.", no_args_is_help=True)
+app.add_typer(plugins_app, name="plugins")
+app.add_typer(spec_app, name="spec")
+
+SET_HELP = "Override a spec field, e.g. --set training.steps=10 --set losses[0].eta=3 (value parsed as YAML)."
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"t2vu {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Erase concepts from text-to-video models. See 't2vu COMMAND --help'."""
+
+
+def fail(message: str, code: int = 1) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def load_resolved(spec_path: Path, overrides: Optional[List[str]] = None):
+    """Load and validate a spec; on error print every problem and exit 2."""
+    from t2vu.core.spec import load_spec
+
+    registry = plugin_manager.get_registry()
+    try:
+        return load_spec(spec_path, registry, overrides or [])
+    except SpecError as exc:
+        err_console.print(str(exc), markup=False, highlight=False, soft_wrap=True)
+        plugin_manager.warn_failed()
+        raise typer.Exit(2)
+
+
+# -- run --------------------------------------------------------------------------
+@app.command(epilog="Example: t2vu run spec.yaml --set training.steps=10 --set eraser.rank=64")
+def run(
+    spec: Path = typer.Argument(..., help="The run spec (YAML)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate, resolve plugins and print the plan; load nothing heavy."),
+) -> None:
+    """Train an eraser from a run spec."""
+    resolved = load_resolved(spec, set_)
+    print_plan(resolved)
+    if dry_run:
+        console.print("[green]dry run:[/] spec valid, nothing loaded or written.")
+        return
+    try:
+        from t2vu.core.engine import run as run_engine
+
+        result = run_engine(resolved, console=console)
+    except (T2VUError, ComponentUnavailable) as exc:
+        fail(str(exc), getattr(exc, "exit_code", 1))
+    else:
+        console.print(f"[green]eraser written:[/] {result}")
+
+
+def print_plan(resolved) -> None:
+    table = Table(title="Run plan", show_lines=False)
+    table.add_column("section")
+    table.add_column("component")
+    table.add_column("plugin")
+    table.add_column("options")
+    for item in resolved.components():
+        opts = item.options.model_dump(mode="json")
+        table.add_row(item.path, item.name, item.component.plugin,
+                      ", ".join(f"{k}={v}" for k, v in opts.items()))
+    console.print(table)
+    s = resolved.spec
+    prompts = s.concept.prompts
+    prompts_text = f"{len(prompts)} inline prompts" if isinstance(prompts, list) else (str(prompts) if prompts else "the bare concept")
+    console.print(f"concept: [bold]{s.concept.target}[/] ({prompts_text})")
+    t = s.training
+    console.print(f"training: {t.steps} steps, batch {t.batch_size}, lr {t.learning_rate}, "
+                  f"{t.num_frames}x{t.height}x{t.width}, seed {t.seed}")
+    console.print(f"output: {s.output.dir}")
+
+
+# -- plugins ---------------------------------------------------------------------
+def _plugin_rows(kind: Optional[str]) -> list[dict[str, Any]]:
+    registry = plugin_manager.get_registry()
+    rows: list[dict[str, Any]] = []
+    for comp in registry:
+        if kind and comp.kind != kind:
+            continue
+        rows.append({"kind": comp.kind, "name": comp.name, "plugin": comp.plugin,
+                     "distribution": comp.distribution, "version": comp.version,
+                     "summary": comp.summary, "status": "ok"})
+    if not kind:
+        for failed in registry.failed:
+            rows.append({"kind": None, "name": None, "plugin": failed.name,
+                         "distribution": failed.distribution, "version": failed.version,
+                         "summary": failed.first_line, "status": "failed", "error": failed.first_line})
+    return rows
+
+
+@plugins_app.command("list", epilog="Example: t2vu plugins list --kind loss --json")
+def plugins_list(
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of objects."),
+    kind: Optional[str] = typer.Option(None, "--kind", help=f"Only this kind: {', '.join(KINDS)}."),
+) -> None:
+    """List every backbone, eraser, loss, concept source, augmenter and evaluator installed."""
+    if kind is not None and kind not in KINDS:
+        import difflib
+
+        close = difflib.get_close_matches(kind, list(KINDS), n=1)
+        fail(f"unknown kind {kind!r}" + (f"; did you mean {close[0]!r}?" if close else f" (kinds: {', '.join(KINDS)})"), 2)
+    rows = _plugin_rows(kind)
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    table = Table(title="t2vu plugins")
+    for col in ("kind", "name"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("plugin", overflow="fold")
+    table.add_column("version", no_wrap=True)
+    table.add_column("summary", overflow="fold", ratio=1)
+    for row in rows:
+        if row["status"] == "failed":
+            table.add_row("[red]failed[/]", "", row["plugin"], row["version"] or "", f"[red]{row['error']}[/]")
+        else:
+            table.add_row(row["kind"], row["name"], row["plugin"], row["version"] or "", row["summary"])
+    console.print(table)
+
+
+# -- spec -----------------------------------------------------------------------------
+@spec_app.command("validate", epilog="Example: t2vu spec validate spec.yaml --set training.steps=10")
+def spec_validate(
+    spec: Path = typer.Argument(..., help="The run spec (YAML)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Validate a spec (structure and every plugin's options); exit 2 if invalid."""
+    resolved = load_resolved(spec, set_)
+    console.print(f"[green]valid:[/] {spec} ({len(resolved.losses)} loss terms, backbone {resolved.backbone.name})")
+
+
+@spec_app.command("schema", epilog="Example: t2vu spec schema > t2vu-spec.schema.json")
+def spec_schema() -> None:
+    """Print the JSON Schema of the spec, every installed plugin's options included."""
+    from t2vu.core.spec import json_schema
+
+    sys.stdout.write(json.dumps(json_schema(plugin_manager.get_registry()), indent=2) + "\n")
+
+
+@spec_app.command("init", epilog="Example: t2vu spec init --backbone cogvideox > spec.yaml")
+def spec_init(
+    backbone: str = typer.Option("cogvideox", "--backbone", help="Backbone plugin name."),
+) -> None:
+    """Print a commented starter spec."""
+    from t2vu.core.starter import starter_spec
+
+    registry = plugin_manager.get_registry()
+    if backbone not in registry.components["backbone"]:
+        fail(registry.unknown_message("backbone", backbone), 2)
+    sys.stdout.write(starter_spec(registry.components["backbone"][backbone]))
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Console-script entry point: add plugin commands, then run."""
+    plugin_manager.get_plugin_manager().add_commands(app)
+    app(args=argv, prog_name="t2vu")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,573 @@
+"""The run spec: YAML, validated in two phases with pydantic 2.
+
+Phase 1 checks the structure (top-level sections, ``concept``, ``training``,
+``output``); phase 2 validates every component block (``backbone``,
+``eraser``, ``losses[i]``, ``preserved``, ``augment[i]``) against the
+``Options`` model of the plugin it names. Every problem is reported with its
+YAML path and line, and a close valid key or registered name is suggested.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo
+
+from t2vu.core.registry import Component, Options, Registry
+
+PathKey = tuple[Union[str, int], ...]
+
+
+# -- types plugins may use --------------------------------------------------
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    value = value.expanduser()
+    base = (info.context or {}).get("base_dir")
+    if base is not None and not value.is_absolute():
+        value = Path(base) / value
+    return value
+
+
+#: A path in the spec: relative paths resolve against the spec file's folder.
+SpecPath = Annotated[Path, AfterValidator(_resolve_path)]
+
+Dtype = Literal["float32", "float16", "bfloat16"]
+
+
+class BackboneOptions(Options):
+    """Options every backbone shares; backbone plugins subclass this."""
+
+    model_path: SpecPath = Field(description="Local diffusers-format model folder.")
+    dtype: Dtype = Field("bfloat16", description="Dtype of the frozen base model.")
+
+
+class LossOptions(Options):
+    """Options every loss term shares; loss plugins subclass this."""
+
+    weight: float = Field(1.0, ge=0, description="Multiplier of this term in the total loss.")
+
+
+class ConceptSourceOptions(Options):
+    """Options every preserved-concept source shares."""
+
+    count: Optional[int] = Field(None, gt=0, description="Keep at most this many concepts.")
+
+
+# -- structure (phase 1) ------------------------------------------------------
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ConceptSpec(_Strict):
+    target: str = Field(min_length=1, description="The concept to erase, e.g. 'nudity'.")
+    prompts: Optional[Union[SpecPath, list[str]]] = Field(
+        None, description="Target prompts: a file (one a line, '#' comments) or an inline list.")
+
+
+class TrainingSpec(_Strict):
+    steps: int = Field(500, gt=0)
+    batch_size: int = Field(1, gt=0)
+    learning_rate: float = Field(1.0e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    lr_scheduler: Literal["cosine", "constant", "linear"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    num_frames: int = Field(49, gt=0)
+    height: int = Field(480, gt=0)
+    width: int = Field(720, gt=0)
+    seed: int = 42
+    gradient_checkpointing: bool = True
+    checkpoint_every: int = Field(0, ge=0, description="Save a checkpoint every N steps (0: never).")
+    log_every: int = Field(1, gt=0)
+
+
+class OutputSpec(_Strict):
+    dir: SpecPath = Field(description="Folder for eraser.safetensors, metrics.jsonl and checkpoints.")
+    overwrite: bool = Field(False, description="Replace an eraser already in dir.")
+
+
+class RunSpec(_Strict):
+    backbone: dict[str, Any]
+    eraser: dict[str, Any] = Field(default_factory=lambda: {"name": "adapter"})
+    concept: ConceptSpec
+    preserved: Union[dict[str, Any], list[dict[str, Any]], None] = None
+    augment: list[dict[str, Any]] = Field(default_factory=list)
+    losses: list[dict[str, Any]] = Field(min_length=1)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    output: OutputSpec
+
+
+#: spec section -> (component kind, key naming the component)
+COMPONENT_SECTIONS: dict[str, tuple[str, str]] = {
+    "backbone": ("backbone", "name"),
+    "eraser": ("eraser", "name"),
+    "losses": ("loss", "name"),
+    "preserved": ("concept_source", "source"),
+    "augment": ("augmenter", "name"),
+}
+
+
+# -- results --------------------------------------------------------------------
+@dataclass
+class Problem:
+    path: PathKey
+    message: str
+    line: Optional[int] = None
+    origin: str = ""
+
+    def __str__(self) -> str:
+        where = format_path(self.path) or "<spec>"
+        if self.line is not None:
+            where += f" (line {self.line})"
+        elif self.origin:
+            where += f" ({self.origin})"
+        return f"{where}: {self.message}"
+
+
+class SpecError(Exception):
+    """The spec is invalid; ``problems`` lists every problem found."""
+
+    def __init__(self, problems: list[Problem], source: Optional[Path] = None):
+        self.problems = problems
+        self.source = source
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        head = f"{self.source}: " if self.source else ""
+        n = len(self.problems)
+        lines = [f"{head}invalid spec ({n} problem{'s' if n != 1 else ''})"]
+        lines += [f"  {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+@dataclass
+class Resolved:
+    """One component block after phase 2: the component and its validated options."""
+
+    component: Component
+    options: BaseModel
+    path: str
+
+    @property
+    def name(self) -> str:
+        return self.component.name
+
+    def build(self, **kwargs: Any) -> Any:
+        return self.component.build(self.options, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        key = COMPONENT_SECTIONS[_section_of(self.path)][1]
+        return {key: self.component.name, **self.options.model_dump(mode="json")}
+
+
+@dataclass
+class ResolvedSpec:
+    spec: RunSpec
+    backbone: Resolved
+    eraser: Resolved
+    losses: list[Resolved]
+    preserved: list[Resolved]
+    augment: list[Resolved]
+    source: Optional[Path] = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved spec, defaults filled in, paths absolute."""
+        data = self.spec.model_dump(mode="json", exclude={"backbone", "eraser", "losses", "preserved", "augment"})
+        out: dict[str, Any] = {
+            "backbone": self.backbone.to_dict(),
+            "eraser": self.eraser.to_dict(),
+            "concept": data["concept"],
+            "preserved": [p.to_dict() for p in self.preserved],
+            "augment": [a.to_dict() for a in self.augment],
+            "losses": [loss.to_dict() for loss in self.losses],
+            "training": data["training"],
+            "output": data["output"],
+        }
+        return out
+
+    def components(self) -> list[Resolved]:
+        return [self.backbone, self.eraser, *self.preserved, *self.augment, *self.losses]
+
+
+def _section_of(path: str) -> str:
+    return re.split(r"[.\[]", path, maxsplit=1)[0]
+
+
+# -- paths, lines ------------------------------------------------------------------
+def format_path(path: PathKey) -> str:
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def parse_path(text: str) -> PathKey:
+    """``losses[2].eta`` or ``losses.2.eta`` -> ``('losses', 2, 'eta')``."""
+    parts: list[Union[str, int]] = []
+    for token in re.findall(r"[^.\[\]]+|\[\d+\]", text):
+        if token.startswith("["):
+            parts.append(int(token[1:-1]))
+        elif token.isdigit() and parts:
+            parts.append(int(token))
+        else:
+            parts.append(token)
+    if not parts:
+        raise ValueError(f"empty key in {text!r}")
+    return tuple(parts)
+
+
+def _line_map(node: yaml.Node, path: PathKey = (), out: Optional[dict] = None) -> dict[PathKey, int]:
+    out = {} if out is None else out
+    out.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value
+            out[path + (key,)] = key_node.start_mark.line + 1
+            _line_map(value_node, path + (key,), out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _line_map(item, path + (i,), out)
+    return out
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    pass
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {seen[key]})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+@dataclass
+class SpecDocument:
+    """A spec as loaded from YAML, before validation."""
+
+    data: dict[str, Any]
+    lines: dict[PathKey, int]
+    source: Optional[Path] = None
+    overridden: set = field(default_factory=set)
+
+    @property
+    def base_dir(self) -> Path:
+        return self.source.parent if self.source else Path.cwd()
+
+    def line(self, path: PathKey) -> Optional[int]:
+        while path:
+            if path in self.overridden:
+                return None
+            if path in self.lines:
+                return self.lines[path]
+            path = path[:-1]
+        return None
+
+    def origin(self, path: PathKey) -> str:
+        while path:
+            if path in self.overridden:
+                return "from --set"
+            path = path[:-1]
+        return ""
+
+
+def load_document(path: Union[str, Path]) -> SpecDocument:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError([Problem((), f"spec file not found: {path}")]) from None
+    except OSError as exc:
+        raise SpecError([Problem((), f"cannot read spec file {path}: {exc}")]) from None
+    return parse_document(text, source=path)
+
+
+def parse_document(text: str, source: Optional[Path] = None) -> SpecDocument:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        msg = str(getattr(exc, "problem", None) or exc)
+        raise SpecError([Problem((), f"not valid YAML: {msg}", line)], source) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError([Problem((), "the spec must be a YAML mapping of sections", 1)], source)
+    lines = _line_map(node) if node is not None else {}
+    return SpecDocument(data, lines, source)
+
+
+def apply_overrides(doc: SpecDocument, overrides: list[str]) -> None:
+    """Apply ``key.path=value`` overrides; the value is parsed as YAML."""
+    problems = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(Problem((), f"--set {item!r}: expected KEY=VALUE, e.g. training.steps=10", origin="from --set"))
+            continue
+        try:
+            path = parse_path(key.strip())
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except (ValueError, yaml.YAMLError) as exc:
+            problems.append(Problem((), f"--set {item!r}: {exc}", origin="from --set"))
+            continue
+        try:
+            _set_in(doc.data, path, value)
+        except (KeyError, IndexError, TypeError) as exc:
+            problems.append(Problem(path, f"--set cannot set this key: {exc}", origin="from --set"))
+            continue
+        doc.overridden.add(path)
+    if problems:
+        raise SpecError(problems, doc.source)
+
+
+def _set_in(data: Any, path: PathKey, value: Any) -> None:
+    for i, part in enumerate(path[:-1]):
+        nxt = path[i + 1]
+        if isinstance(part, int):
+            if not isinstance(data, list):
+                raise TypeError(f"{format_path(path[:i]) or 'spec'} is not a list")
+            data = data[part]
+        else:
+            if not isinstance(data, dict):
+                raise TypeError(f"{format_path(path[:i]) or 'spec'} is not a mapping")
+            if part not in data or data[part] is None:
+                data[part] = [] if isinstance(nxt, int) else {}
+            data = data[part]
+    last = path[-1]
+    if isinstance(last, int):
+        if not isinstance(data, list):
+            raise TypeError(f"{format_path(path[:-1])} is not a list")
+        if last == len(data):
+            data.append(value)
+        else:
+            data[last] = value
+    else:
+        if not isinstance(data, dict):
+            raise TypeError(f"{format_path(path[:-1]) or 'spec'} is not a mapping")
+        data[last] = value
+
+
+# -- validation ----------------------------------------------------------------------
+def _model_at(model: Any, loc: PathKey) -> Any:
+    """The pydantic model class that holds the key at the end of ``loc``."""
+    current: Any = model
+    for part in loc[:-1]:
+        current = _unwrap(current, part)
+        if current is None:
+            return None
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap(tp: Any, part: Any) -> Any:
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        f = tp.model_fields.get(part) if isinstance(part, str) else None
+        return _pick_model(f.annotation) if f else None
+    return None
+
+
+def _pick_model(tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is None:
+        return tp
+    for arg in typing.get_args(tp):
+        found = _pick_model(arg)
+        if isinstance(found, type) and issubclass(found, BaseModel):
+            return found
+    return None
+
+
+def _valid_keys(model: Any) -> list[str]:
+    return list(model.model_fields) if model is not None else []
+
+
+def _pydantic_problems(exc: ValidationError, prefix: PathKey, model: Any, doc: SpecDocument,
+                       extra_keys: tuple[str, ...] = ()) -> list[Problem]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(p for p in err["loc"] if not _is_union_tag(p))
+        path = prefix + loc
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            holder = _model_at(model, loc)
+            valid = _valid_keys(holder) + (list(extra_keys) if len(loc) == 1 else [])
+            msg = f"unknown key {loc[-1]!r}"
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            if close:
+                msg += f"; did you mean {close[0]!r}?"
+            elif valid:
+                msg += f" (valid keys: {', '.join(valid)})"
+        problems.append(Problem(path, msg, doc.line(path), doc.origin(path)))
+    return problems
+
+
+# pydantic puts the names of union members ("list[str]", "function-after[...]")
+# into error locations; they mean nothing to a user, and no spec key looks so.
+def _is_union_tag(part: Any) -> bool:
+    return isinstance(part, str) and bool(re.search(r"[\[\](),]", part))
+
+
+def _phase2_block(registry: Registry, kind: str, key: str, block: Any, path: PathKey,
+                  doc: SpecDocument, problems: list[Problem]) -> Optional[Resolved]:
+    label = kind.replace("_", " ")
+    if not isinstance(block, dict):
+        problems.append(Problem(path, f"expected a mapping with '{key}:' naming a {label}",
+                                doc.line(path), doc.origin(path)))
+        return None
+    name = block.get(key)
+    if not isinstance(name, str) or not name:
+        hint = ""
+        if key == "source" and "name" in block:
+            hint = " (preserved-concept blocks name their plugin with 'source:', not 'name:')"
+        problems.append(Problem(path + (key,), f"missing '{key}:' naming a {label}{hint}",
+                                doc.line(path), doc.origin(path)))
+        return None
+    if name not in registry.components[kind]:
+        problems.append(Problem(path + (key,), registry.unknown_message(kind, name),
+                                doc.line(path + (key,)), doc.origin(path + (key,))))
+        return None
+    component = registry.components[kind][name]
+    options = {k: v for k, v in block.items() if k != key}
+    try:
+        validated = component.options.model_validate(options, context={"base_dir": doc.base_dir})
+    except ValidationError as exc:
+        problems.extend(_pydantic_problems(exc, path, component.options, doc, extra_keys=(key,)))
+        return None
+    return Resolved(component, validated, format_path(path))
+
+
+def validate(doc: SpecDocument, registry: Registry) -> ResolvedSpec:
+    """Validate a loaded spec against the registry; raise :class:`SpecError`."""
+    problems: list[Problem] = []
+    data = doc.data
+    spec: Optional[RunSpec] = None
+    try:
+        spec = RunSpec.model_validate(data, context={"base_dir": doc.base_dir})
+    except ValidationError as exc:
+        problems.extend(_pydantic_problems(exc, (), RunSpec, doc))
+
+    resolved: dict[str, Any] = {}
+    for section, (kind, key) in COMPONENT_SECTIONS.items():
+        value = data.get(section)
+        if section == "eraser" and value is None:
+            value = {"name": "adapter"}
+        if value is None:
+            resolved[section] = [] if section in ("losses", "preserved", "augment") else None
+            continue
+        if section in ("losses", "augment", "preserved"):
+            blocks = value if isinstance(value, list) else ([value] if section == "preserved" else None)
+            if blocks is None:
+                continue  # phase 1 reported the type error
+            indexed = isinstance(value, list)
+            resolved[section] = [
+                _phase2_block(registry, kind, key, block, (section, i) if indexed else (section,), doc, problems)
+                for i, block in enumerate(blocks)
+            ]
+        else:
+            resolved[section] = _phase2_block(registry, kind, key, value, (section,), doc, problems)
+
+    if spec is not None and not problems:
+        problems.extend(_cross_checks(spec, resolved, doc))
+    if problems:
+        raise SpecError(problems, doc.source)
+    assert spec is not None
+    return ResolvedSpec(
+        spec=spec, backbone=resolved["backbone"], eraser=resolved["eraser"],
+        losses=resolved["losses"], preserved=resolved["preserved"], augment=resolved["augment"],
+        source=doc.source, raw=data,
+    )
+
+
+def _cross_checks(spec: RunSpec, resolved: dict[str, Any], doc: SpecDocument) -> list[Problem]:
+    problems = []
+    seen: dict[str, int] = {}
+    for i, loss in enumerate(resolved["losses"]):
+        if loss.name in seen:
+            path = ("losses", i, "name")
+            problems.append(Problem(path, f"loss {loss.name!r} appears twice (also losses[{seen[loss.name]}])",
+                                    doc.line(path), doc.origin(path)))
+        seen[loss.name] = i
+        needs = getattr(loss.options, "requires_preserved", None)
+        if needs and not resolved["preserved"]:
+            path = ("losses", i)
+            problems.append(Problem(path, f"loss {loss.name!r} needs preserved concepts: add a 'preserved:' section",
+                                    doc.line(path), doc.origin(path)))
+    if isinstance(spec.concept.prompts, Path) and not spec.concept.prompts.is_file():
+        path = ("concept", "prompts")
+        problems.append(Problem(path, f"prompts file not found: {spec.concept.prompts}", doc.line(path), doc.origin(path)))
+    return problems
+
+
+def load_spec(path: Union[str, Path], registry: Registry, overrides: Optional[list[str]] = None) -> ResolvedSpec:
+    """Load, override and validate a spec file."""
+    doc = load_document(path)
+    if overrides:
+        apply_overrides(doc, overrides)
+    return validate(doc, registry)
+
+
+def read_lines_file(path: Path) -> list[str]:
+    """One item a line; '#' comments and blank lines ignored; duplicates dropped, order kept."""
+    items: list[str] = []
+    seen: set[str] = set()
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line and line not in seen:
+            seen.add(line)
+            items.append(line)
+    return items
+
+
+# -- JSON schema ---------------------------------------------------------------------------
+def json_schema(registry: Registry) -> dict[str, Any]:
+    """JSON Schema of the whole spec, every registered plugin's options included."""
+    from pydantic import create_model
+
+    def union_for(section: str) -> Any:
+        kind, key = COMPONENT_SECTIONS[section]
+        members = []
+        for name in registry.names(kind):
+            comp = registry.components[kind][name]
+            model_name = f"{kind}_{name}".replace("-", "_").replace(".", "_")
+            members.append(create_model(
+                model_name, __base__=comp.options,
+                __doc__=comp.summary or comp.options.__doc__,
+                **{key: (Literal[name], Field(description=f"{kind.replace('_', ' ')} plugin"))},
+            ))
+        if not members:
+            return dict[str, Any]
+        if len(members) == 1:
+            return members[0]
+        return Annotated[Union[tuple(members)], Field(discriminator=key)]
+
+    backbone, eraser, loss, source, augmenter = (union_for(s) for s in COMPONENT_SECTIONS)
+    model = create_model(
+        "RunSpec", __base__=RunSpec,
+        backbone=(backbone, ...),
+        eraser=(eraser, Field(default_factory=lambda: {"name": "adapter"})),
+        preserved=(Optional[Union[source, list[source]]], None),
+        augment=(list[augmenter], Field(default_factory=list)),
+        losses=(list[loss], Field(min_length=1)),
+    )
+    schema = model.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "t2vu run spec"
+    return schema

@@ -1,0 +1,24 @@
+"""Built-in loss: concept preservation."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from t2vu.core.hookspecs import hookimpl
+from t2vu.core.spec import LossOptions
+
+
+class PreservationOptions(LossOptions):
+    """||v'(x_t, c_p) - v*(x_t, c_p)||^2 over the preserved concepts."""
+
+    requires_preserved: ClassVar[bool] = True
+
+
+@hookimpl
+def register_losses(register):
+    register(
+        "preservation",
+        "t2vu.losses.terms:PreservationLoss",
+        options=PreservationOptions,
+        summary="Keep the erased model's predictions for preserved concepts equal to the frozen model's",
+    )

@@ -1,0 +1,32 @@
+"""Built-in eraser plugin: the Receler / T2VUnlearning adapter.
+
+``Linear(dim -> rank) -> GELU -> Linear(rank -> dim)``, up-projection
+zero-initialised, added to the video-token output of each self-attention.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import Field
+
+from t2vu.core.hookspecs import hookimpl
+from t2vu.core.registry import Options
+
+
+class AdapterOptions(Options):
+    """Low-rank MLP adapter added to each attention's video output."""
+
+    rank: int = Field(128, gt=0, description="Hidden width of each adapter.")
+    blocks: Optional[list[int]] = Field(
+        None, description="Indices of the transformer blocks that get an eraser (default: all).")
+
+
+@hookimpl
+def register_erasers(register):
+    register(
+        "adapter",
+        "t2vu.plugins.adapter_model:AdapterEraserFactory",
+        options=AdapterOptions,
+        summary="Linear -> GELU -> Linear adapter on self-attention video output (Receler, T2VUnlearning)",
+    )

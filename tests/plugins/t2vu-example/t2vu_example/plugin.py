@@ -1,0 +1,80 @@
+"""Registers one component of each kind through t2vu's hooks, as any outside package would."""
+
+from pydantic import Field
+
+from t2vu.core.hookspecs import hookimpl
+from t2vu.core.registry import Options
+from t2vu.core.spec import BackboneOptions, ConceptSourceOptions, LossOptions
+
+
+class ToyBackboneOptions(BackboneOptions):
+    frames: int = Field(4, gt=0)
+
+
+class ScaledEraserOptions(Options):
+    factor: float = 0.5
+
+
+class L1Options(LossOptions):
+    margin: float = Field(0.0, ge=0)
+
+
+class ColoursOptions(ConceptSourceOptions):
+    palette: list[str] = ["blue", "green"]
+
+
+class RepeatOptions(Options):
+    times: int = Field(2, gt=0)
+
+
+class ConstantJudgeOptions(Options):
+    label: str = "ok"
+
+
+class ColoursSource:
+    def __init__(self, options):
+        self.options = options
+
+    def concepts(self, target):
+        return [c for c in self.options.palette if c != target][: self.options.count]
+
+
+class RepeatAugmenter:
+    def __init__(self, options):
+        self.options = options
+
+    def augment(self, target, prompts):
+        return [p for p in prompts for _ in range(self.options.times)]
+
+
+@hookimpl
+def register_backbones(register):
+    register("example_backbone", "t2vu_example.heavy:Backbone", options=ToyBackboneOptions,
+             summary="An example backbone from a third-party package")
+
+
+@hookimpl
+def register_erasers(register):
+    register("example_eraser", "t2vu_example.heavy:Eraser", options=ScaledEraserOptions,
+             summary="An example eraser")
+
+
+@hookimpl
+def register_losses(register):
+    register("example_l1", "t2vu_example.heavy:L1Loss", options=L1Options, summary="An example loss")
+
+
+@hookimpl
+def register_concept_sources(register):
+    register("example_colours", ColoursSource, options=ColoursOptions, summary="Colours except the target")
+
+
+@hookimpl
+def register_augmenters(register):
+    register("example_repeat", RepeatAugmenter, options=RepeatOptions, summary="Repeat every prompt")
+
+
+@hookimpl
+def register_evaluators(register):
+    register("example_judge", "t2vu_example.heavy:Judge", options=ConstantJudgeOptions,
+             summary="A judge that always answers the same")
