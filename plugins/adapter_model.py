@@ -1,0 +1,163 @@
+"""The adapter eraser: modules, attachment to a backbone's sites, on/off switch.
+
+One copy of the base weights: the frozen prediction ``v*`` is the same
+transformer with every eraser switched off (:meth:`EraserSet.disabled`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+
+class Adapter(nn.Module):
+    """``Linear(dim -> rank) -> GELU -> Linear(rank -> dim)``, up zero-initialised.
+
+    Input and output: ``[batch, tokens, dim]``. Parameters stay fp32; the input
+    is cast up and the output back to the input's dtype.
+    """
+
+    def __init__(self, dim: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(dim, rank)
+        self.act = nn.GELU()
+        self.up = nn.Linear(rank, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        dtype = self.down.weight.dtype
+        return self.up(self.act(self.down(h.to(dtype))))
+
+
+@dataclass
+class Site:
+    """Where an eraser attaches: a module whose first output is ``[B, N_video, dim]``."""
+
+    name: str  # e.g. "transformer_blocks.3.attn1"
+    module: nn.Module
+    dim: int
+    block: int
+
+
+class EraserSet(nn.Module):
+    """All erasers of one backbone, attached by forward hooks.
+
+    The hook replaces the site's video output ``h`` by ``h + scale * eraser(h)``.
+    While :meth:`disabled` is active the hooks return the output untouched, so
+    the transformer computes exactly the stock prediction.
+    """
+
+    def __init__(self, erasers: dict[str, nn.Module], eraser_type: str = "adapter",
+                 options: Optional[dict] = None):
+        super().__init__()
+        self.site_names = list(erasers)
+        # ModuleDict keys cannot contain dots.
+        self.erasers = nn.ModuleDict({_key(n): m for n, m in erasers.items()})
+        self.eraser_type = eraser_type
+        self.options = dict(options or {})
+        self.enabled = True
+        self.scale = 1.0
+        self.record = False
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def eraser(self, site: str) -> nn.Module:
+        return self.erasers[_key(site)]
+
+    def attach(self, sites: list[Site]) -> "EraserSet":
+        by_name = {s.name: s for s in sites}
+        missing = [n for n in self.site_names if n not in by_name]
+        if missing:
+            raise ValueError(f"eraser sites not in this model: {', '.join(missing[:5])}")
+        for name in self.site_names:
+            self._handles.append(by_name[name].module.register_forward_hook(self._hook(name)))
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str):
+        module = self.eraser(name)
+
+        def hook(_module, _inputs, output):
+            if not self.enabled:
+                return output
+            h, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, ())
+            delta = module(h)
+            if self.record:
+                self.outputs[name] = delta
+            h = h + (self.scale * delta).to(h.dtype)
+            return (h, *rest) if isinstance(output, tuple) else h
+
+        return hook
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Switch every eraser off: the model computes the frozen prediction."""
+        previous = self.enabled
+        self.enabled = False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Keep each eraser's output (``[B, N_video, dim]``) of the next forward."""
+        self.outputs = {}
+        self.record = True
+        try:
+            yield self.outputs
+        finally:
+            self.record = False
+
+    def state_dict_by_site(self) -> dict[str, torch.Tensor]:
+        """``{site}.{param}`` -> tensor, e.g. ``transformer_blocks.0.attn1.down.weight``."""
+        out = {}
+        for name in self.site_names:
+            for pname, p in self.eraser(name).state_dict().items():
+                out[f"{name}.{pname}"] = p.detach().contiguous()
+        return out
+
+
+def _key(site: str) -> str:
+    return site.replace(".", "__")
+
+
+class AdapterEraserFactory:
+    """The registered implementation: ``factory(options)`` then ``factory.build(sites)``."""
+
+    eraser_type = "adapter"
+
+    def __init__(self, options):
+        self.options = options
+
+    def build(self, sites: list[Site]) -> EraserSet:
+        chosen = sites
+        if self.options.blocks is not None:
+            wanted = set(self.options.blocks)
+            chosen = [s for s in sites if s.block in wanted]
+            unknown = wanted - {s.block for s in sites}
+            if unknown:
+                raise ValueError(f"eraser.blocks: no block {sorted(unknown)} (the model has {len(sites)} sites)")
+        erasers = {s.name: Adapter(s.dim, self.options.rank) for s in chosen}
+        return EraserSet(erasers, self.eraser_type, self.options.model_dump(mode="json"))
+
+    @staticmethod
+    def from_state(state: dict[str, torch.Tensor], sites: list[str], options: dict) -> EraserSet:
+        """Rebuild an EraserSet from ``state_dict_by_site`` tensors."""
+        erasers = {}
+        for name in sites:
+            down = state[f"{name}.down.weight"]
+            rank, dim = down.shape
+            adapter = Adapter(dim, rank)
+            adapter.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
+            erasers[name] = adapter
+        return EraserSet(erasers, "adapter", options)
