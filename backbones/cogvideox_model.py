@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import json
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
 from torch import nn
 
+from t2vu.core.errors import T2VUError
 from t2vu.plugins.adapter_model import Site
 
 
@@ -18,3 +27,308 @@ def transformer_sites(transformer: nn.Module) -> list[Site]:
         dim = attn.to_out[0].out_features
         sites.append(Site(name=f"transformer_blocks.{i}.attn1", module=attn, dim=dim, block=i))
     return sites
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+REQUIRED = ("model_index.json", "transformer/config.json", "scheduler/scheduler_config.json",
+            "text_encoder/config.json", "tokenizer")
+
+
+def check_model_folder(path: Path) -> dict:
+    """Fail with an actionable message before anything heavy loads."""
+    path = Path(path)
+    if not path.exists():
+        raise T2VUError(
+            f"backbone.model_path: {path} does not exist. Download the model first, e.g. "
+            f"`huggingface-cli download THUDM/CogVideoX-5b --local-dir {path}`")
+    if not path.is_dir():
+        raise T2VUError(f"backbone.model_path: {path} is a file; point it at the diffusers model folder")
+    missing = [r for r in REQUIRED if not (path / r).exists()]
+    if missing:
+        raise T2VUError(f"backbone.model_path: {path} is not a diffusers CogVideoX folder "
+                        f"(missing {', '.join(missing)})")
+    index = json.loads((path / "model_index.json").read_text())
+    if not str(index.get("_class_name", "")).startswith("CogVideoX"):
+        raise T2VUError(f"backbone.model_path: {path} holds a {index.get('_class_name')!r}, not a CogVideoX pipeline")
+    cfg = json.loads((path / "transformer/config.json").read_text())
+    if cfg.get("_class_name") != "CogVideoXTransformer3DModel":
+        raise T2VUError(f"backbone.model_path: {path}/transformer is a {cfg.get('_class_name')!r}, "
+                        "not a CogVideoXTransformer3DModel")
+    return cfg
+
+
+class _CaptureProcessor:
+    """Wraps CogVideoX's attention processor; also records video->concept attention.
+
+    The attention output is the original processor's (untouched). With no
+    grad, query/key are recomputed exactly as the model does (QK-norm, then
+    RoPE on video tokens; text first in the joint sequence) and the softmax
+    row of each video query is evaluated in chunks, so the full
+    ``[tokens, tokens]`` matrix is never materialised.
+    """
+
+    def __init__(self, inner, store: dict, block: int, token_masks: torch.Tensor, chunk: int):
+        self.inner, self.store, self.block = inner, store, block
+        self.token_masks, self.chunk = token_masks, chunk
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None,
+                 image_rotary_emb=None, **kwargs):
+        out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask=attention_mask,
+                         image_rotary_emb=image_rotary_emb, **kwargs)
+        rows = self.token_masks.any(dim=1).nonzero().flatten()
+        if len(rows):
+            with torch.no_grad():
+                self.store[self.block] = self._concept_attention(
+                    attn, hidden_states[rows], encoder_hidden_states[rows], image_rotary_emb,
+                    self.token_masks[rows])
+        return out
+
+    def _concept_attention(self, attn, hidden, text, rotary, masks):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        n_text = text.size(1)
+        x = torch.cat([text, hidden], dim=1)
+        b = x.size(0)
+        q = attn.to_q(x).view(b, -1, attn.heads, attn.to_q.out_features // attn.heads).transpose(1, 2)
+        k = attn.to_k(x).view(b, -1, attn.heads, attn.to_k.out_features // attn.heads).transpose(1, 2)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        if rotary is not None:
+            q[:, :, n_text:] = apply_rotary_emb(q[:, :, n_text:], rotary)
+            k[:, :, n_text:] = apply_rotary_emb(k[:, :, n_text:], rotary)
+        scale = 1.0 / math.sqrt(q.size(-1))
+        video_q = q[:, :, n_text:]
+        keep = masks.to(q.dtype)[:, None, None, :]  # [b, 1, 1, n_text]
+        pieces = []
+        for start in range(0, video_q.size(2), self.chunk):
+            scores = (video_q[:, :, start:start + self.chunk] @ k.transpose(-1, -2)).float() * scale
+            lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+            probs = torch.exp(scores[..., :n_text] - lse) * keep.float()
+            pieces.append(probs.sum(-1).mean(1))  # sum over concept tokens, mean over heads
+        return torch.cat(pieces, dim=1)  # [b, n_video]
+
+
+class CogVideoXBackbone:
+    """CogVideoX transformer from a local diffusers folder (v-prediction, text tokens first)."""
+
+    name = "cogvideox"
+
+    def __init__(self, options):
+        self.options = options
+        self.path = Path(options.model_path)
+        self.config = check_model_folder(self.path)
+        self.dtype = _DTYPES[options.dtype]
+        self.transformer = None
+        self.scheduler = None
+        self.device = torch.device("cpu")
+        self.forward_calls = 0
+        self._rotary_cache: dict = {}
+        self._tokenizer = None
+        vae_cfg_path = self.path / "vae" / "config.json"
+        vae_cfg = json.loads(vae_cfg_path.read_text()) if vae_cfg_path.exists() else {}
+        self.vae_scale_spatial = 2 ** (len(vae_cfg.get("block_out_channels", [0] * 4)) - 1)
+        self.vae_scale_temporal = vae_cfg.get("temporal_compression_ratio",
+                                              self.config.get("temporal_compression_ratio", 4))
+
+    # -- loading ---------------------------------------------------------------
+    def load(self, device=None) -> None:
+        from diffusers import CogVideoXTransformer3DModel
+
+        self.device = torch.device(device or "cpu")
+        self.transformer = CogVideoXTransformer3DModel.from_pretrained(
+            self.path, subfolder="transformer", torch_dtype=self.dtype)
+        self.transformer.requires_grad_(False).eval().to(self.device)
+        self.config = dict(self.transformer.config)
+        self.scheduler = self._load_scheduler()
+        self.alphas_cumprod = self.scheduler.alphas_cumprod.to(torch.float64)
+
+    def _load_scheduler(self):
+        import diffusers
+
+        cfg = json.loads((self.path / "scheduler/scheduler_config.json").read_text())
+        cls = getattr(diffusers, cfg.get("_class_name", "CogVideoXDDIMScheduler"), None)
+        if cls is None:
+            raise T2VUError(f"unknown scheduler class {cfg.get('_class_name')!r} in {self.path}/scheduler")
+        scheduler = cls.from_pretrained(self.path, subfolder="scheduler")
+        if scheduler.config.get("prediction_type", "v_prediction") != "v_prediction":
+            raise T2VUError("CogVideoX backbone expects a v_prediction scheduler; "
+                            f"{self.path}/scheduler says {scheduler.config.prediction_type!r}")
+        return scheduler
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.transformer.enable_gradient_checkpointing()
+
+    def sites(self):
+        return transformer_sites(self.transformer)
+
+    # -- text --------------------------------------------------------------------
+    @property
+    def text_length(self) -> int:
+        return self.options.max_text_length or int(self.config["max_text_seq_length"])
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.path / "tokenizer")
+        return self._tokenizer
+
+    def _tokenize(self, prompts: Sequence[str], **kwargs):
+        return self.tokenizer()(list(prompts), padding="max_length", max_length=self.text_length,
+                                truncation=True, add_special_tokens=True, return_tensors="pt", **kwargs)
+
+    def encode_prompts(self, prompts: Sequence[str], batch_size: int = 8) -> dict[str, torch.Tensor]:
+        """T5-encode each distinct prompt once, as CogVideoXPipeline does; then free the encoder."""
+        from transformers import T5EncoderModel
+
+        unique = list(dict.fromkeys(prompts))
+        encoder = T5EncoderModel.from_pretrained(self.path / "text_encoder", torch_dtype=self.dtype)
+        encoder.requires_grad_(False).eval().to(self.device)
+        out: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for i in range(0, len(unique), batch_size):
+                chunk = unique[i:i + batch_size]
+                ids = self._tokenize(chunk).input_ids.to(self.device)
+                embeds = encoder(ids)[0].to(self.dtype)
+                out.update(zip(chunk, embeds))
+        del encoder
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return out
+
+    def concept_token_mask(self, prompt: str, concept: str) -> torch.Tensor:
+        """The prompt's tokens overlapping an occurrence of ``concept`` (case-insensitive).
+
+        A prompt that does not contain the concept's text (a paraphrase) uses all of its
+        real tokens: the whole prompt then stands for the concept.
+        """
+        enc = self._tokenize([prompt], return_offsets_mapping=True)
+        offsets = enc["offset_mapping"][0].tolist()
+        real = enc["attention_mask"][0].bool()
+        ids = enc["input_ids"][0].tolist()
+        special = set(self.tokenizer().all_special_ids)
+        mask = torch.zeros(len(ids), dtype=torch.bool)
+        low, needle = prompt.lower(), concept.lower().strip()
+        spans, start = [], low.find(needle) if needle else -1
+        while start >= 0:
+            spans.append((start, start + len(needle)))
+            start = low.find(needle, start + 1)
+        for j, (a, b) in enumerate(offsets):
+            if ids[j] in special or b <= a:
+                continue
+            if any(a < e and b > s for s, e in spans):
+                mask[j] = True
+        if not mask.any():
+            mask = real & torch.tensor([i not in special for i in ids])
+        return mask
+
+    # -- latents and scheduler maths -------------------------------------------------
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        frames = (num_frames - 1) // self.vae_scale_temporal + 1
+        p_t = self.config.get("patch_size_t")
+        if p_t and frames % p_t:
+            frames += p_t - frames % p_t
+        s = self.vae_scale_spatial
+        if height % (s * self.config["patch_size"]) or width % (s * self.config["patch_size"]):
+            raise T2VUError(f"training.height/width must be multiples of {s * self.config['patch_size']} "
+                            f"for this model (got {height}x{width})")
+        return frames, int(self.config["in_channels"]), height // s, width // s
+
+    def token_grid(self, latent_shape) -> tuple[int, int]:
+        """(frames, tokens per frame) of the video part of the joint sequence."""
+        frames, _, h, w = latent_shape
+        p, p_t = self.config["patch_size"], self.config.get("patch_size_t") or 1
+        return frames // p_t, (h // p) * (w // p)
+
+    def sample_timesteps(self, n: int, generator=None) -> torch.Tensor:
+        total = self.scheduler.config.num_train_timesteps
+        return torch.randint(0, total, (n,), generator=generator)
+
+    def _abar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        a = self.alphas_cumprod.to(like.device)[t.to(like.device)].to(torch.float32)
+        return a.view(-1, *([1] * (like.dim() - 1)))
+
+    def add_noise(self, x0, noise, t):
+        a = self._abar(t, x0)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def sampler_timesteps(self, num_steps: int) -> torch.Tensor:
+        self.scheduler.set_timesteps(num_steps)
+        return self.scheduler.timesteps.clone()
+
+    def sampler_step(self, v, t, t_prev, x_t):
+        """DDIM (eta 0) in v-parameterisation: x0 = sqrt(a) x - sqrt(1-a) v, eps = sqrt(1-a) x + sqrt(a) v."""
+        a = self._abar(t, x_t)
+        x0 = a.sqrt() * x_t - (1 - a).sqrt() * v
+        eps = (1 - a).sqrt() * x_t + a.sqrt() * v
+        if t_prev is None:
+            return x0
+        a_prev = self._abar(t_prev, x_t)
+        return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+
+    # -- the forward ----------------------------------------------------------------------
+    def _rotary(self, latent_shape):
+        if not self.config.get("use_rotary_positional_embeddings"):
+            return None
+        key = tuple(latent_shape)
+        if key not in self._rotary_cache:
+            from diffusers.models.embeddings import get_3d_rotary_pos_embed
+            from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+            frames, _, h, w = latent_shape
+            p, p_t = self.config["patch_size"], self.config.get("patch_size_t")
+            gh, gw = h // p, w // p
+            base_w, base_h = self.config["sample_width"] // p, self.config["sample_height"] // p
+            if p_t is None:
+                crops = get_resize_crop_region_for_grid((gh, gw), base_w, base_h)
+                cos, sin = get_3d_rotary_pos_embed(
+                    embed_dim=self.config["attention_head_dim"], crops_coords=crops, grid_size=(gh, gw),
+                    temporal_size=frames, device=self.device)
+            else:
+                cos, sin = get_3d_rotary_pos_embed(
+                    embed_dim=self.config["attention_head_dim"], crops_coords=None, grid_size=(gh, gw),
+                    temporal_size=(frames + p_t - 1) // p_t, grid_type="slice", max_size=(base_h, base_w),
+                    device=self.device)
+            self._rotary_cache[key] = (cos, sin)
+        return self._rotary_cache[key]
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """x_t ``[B, F, C, H, W]``, t ``[B]``, embeds ``[B, text_len, D]`` -> v ``[B, F, C, H, W]`` (fp32)."""
+        self.forward_calls += 1
+        ofs = None
+        if self.config.get("ofs_embed_dim") is not None:
+            ofs = x_t.new_full((x_t.size(0),), 2.0, dtype=self.dtype)
+        out = self.transformer(
+            hidden_states=x_t.to(self.device, self.dtype), encoder_hidden_states=embeds.to(self.device, self.dtype),
+            timestep=t.to(self.device), image_rotary_emb=self._rotary(x_t.shape[1:]), ofs=ofs,
+            return_dict=False)[0]
+        return out.float()
+
+    @contextlib.contextmanager
+    def capture_attention(self, token_masks: torch.Tensor, layers: Optional[Sequence[int]] = None,
+                          latent_shape=None):
+        """Record video->concept attention of the frozen forward (see :class:`_CaptureProcessor`).
+
+        Yields ``{block: [rows, frames, tokens_per_frame]}`` filled by the next forward.
+        """
+        store: dict = {}
+        blocks = self.transformer.transformer_blocks
+        chosen = range(len(blocks)) if layers is None else layers
+        saved = {}
+        chunk = 1024
+        try:
+            for i in chosen:
+                attn = blocks[i].attn1
+                saved[i] = attn.processor
+                attn.processor = _CaptureProcessor(saved[i], store, i, token_masks.to(self.device), chunk)
+            yield store
+        finally:
+            for i, proc in saved.items():
+                blocks[i].attn1.processor = proc
+        if latent_shape is not None:
+            frames, per_frame = self.token_grid(latent_shape)
+            for i in list(store):
+                store[i] = store[i].reshape(store[i].size(0), frames, per_frame)

@@ -67,6 +67,9 @@ class ConceptSpec(_Strict):
     target: str = Field(min_length=1, description="The concept to erase, e.g. 'nudity'.")
     prompts: Optional[Union[SpecPath, list[str]]] = Field(
         None, description="Target prompts: a file (one a line, '#' comments) or an inline list.")
+    condition: Literal["concept", "prompts", "mix"] = Field(
+        "concept", description="Condition of the unlearning term: the bare concept text, the target "
+        "prompts, or each half the time.")
 
 
 class TrainingSpec(_Strict):
@@ -83,6 +86,12 @@ class TrainingSpec(_Strict):
     seed: int = 42
     gradient_checkpointing: bool = True
     checkpoint_every: int = Field(0, ge=0, description="Save a checkpoint every N steps (0: never).")
+    states: Literal["noise", "trajectory", "erased_trajectory"] = Field(
+        "noise", description="Where x_t comes from: noised random latents; the frozen model's CFG sampler "
+        "run from a target prompt (its predictions reused as teacher values); or the erased model's sampler.")
+    refresh_every: int = Field(50, gt=0, description="Trajectory states: sample new trajectories every N steps.")
+    sample_steps: int = Field(50, gt=1, description="Trajectory states: sampler steps per trajectory.")
+    guidance_scale: float = Field(6.0, ge=1, description="Trajectory states: classifier-free guidance scale.")
     log_every: int = Field(1, gt=0)
 
 

@@ -1,0 +1,144 @@
+"""The step context: lazy, memoised, batched predictions for the loss terms.
+
+Loss terms ask for what they need (``needs()``) and then read it
+(``ctx.frozen(cond)``, ``ctx.erased(cond)``, ...). The context runs at most
+one no-grad frozen forward (erasers off) over every frozen condition still
+missing, stacked into one batch, and one erased forward (with grad) over every
+erased condition. A prediction two terms share is computed once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import torch
+
+#: condition names the engine provides
+UNCOND = "uncond"  # the empty prompt
+TARGET = "target"  # the unlearning condition of this step (concept text and/or target prompts)
+PRESERVED = "preserved"  # a preserved concept, sampled per step
+
+
+@dataclass(frozen=True)
+class Need:
+    """What a loss term reads: ``kind`` in frozen / erased / attention / eraser_outputs."""
+
+    kind: str
+    cond: str
+    layers: Optional[tuple[int, ...]] = None  # attention only: which blocks build the map
+
+
+class StepContext:
+    """Predictions at one batch of training states ``x_t`` (``[B, ...]``) at timesteps ``t`` (``[B]``)."""
+
+    def __init__(self, backbone, erasers, x_t: torch.Tensor, t: torch.Tensor,
+                 conds: dict[str, list[str]], embed: Callable[[list[str]], torch.Tensor],
+                 token_masks: Optional[dict[str, torch.Tensor]] = None):
+        self.backbone, self.erasers = backbone, erasers
+        self.x_t, self.t = x_t, t
+        self.conds = conds
+        self.embed = embed
+        self.token_masks = token_masks or {}
+        self._frozen: dict[str, torch.Tensor] = {}
+        self._erased: dict[str, torch.Tensor] = {}
+        self._attention: dict[str, dict[int, torch.Tensor]] = {}
+        self._outputs: dict[str, dict[str, torch.Tensor]] = {}
+
+    # -- what loss terms call ----------------------------------------------------
+    def frozen(self, cond: str) -> torch.Tensor:
+        """``v*(x_t, cond)``: the frozen model's prediction (no grad)."""
+        if cond not in self._frozen:
+            self.prefetch([Need("frozen", cond)])
+        return self._frozen[cond]
+
+    def erased(self, cond: str) -> torch.Tensor:
+        """``v'(x_t, cond)``: the prediction with erasers on (differentiable)."""
+        if cond not in self._erased:
+            self.prefetch([Need("erased", cond)])
+        return self._erased[cond]
+
+    def attention(self, cond: str, layers: Optional[Iterable[int]] = None) -> torch.Tensor:
+        """Frozen video->concept attention ``[B, frames, tokens_per_frame]``, averaged over ``layers``."""
+        key = tuple(layers) if layers is not None else None
+        if cond not in self._attention or (key and not set(key) <= set(self._attention[cond])):
+            self.prefetch([Need("attention", cond, key)])
+        maps = self._attention[cond]
+        chosen = key if key is not None else sorted(maps)
+        return torch.stack([maps[i] for i in chosen]).mean(0)
+
+    def eraser_outputs(self, cond: str) -> dict[str, torch.Tensor]:
+        """Each eraser's output ``[B, N_video, dim]`` in the erased forward of ``cond``."""
+        if cond not in self._outputs:
+            self.prefetch([Need("eraser_outputs", cond)])
+        return self._outputs[cond]
+
+    def seed_frozen(self, cond: str, value: torch.Tensor) -> None:
+        """Provide a frozen prediction computed elsewhere (a sampler's CFG pass)."""
+        self._frozen[cond] = value
+
+    # -- batching -------------------------------------------------------------------
+    def prefetch(self, needs: Iterable[Need]) -> None:
+        """Compute everything in ``needs`` not yet memoised: one frozen and one erased forward at most."""
+        needs = list(needs)
+        attention_conds: dict[str, Optional[set]] = {}
+        for n in needs:
+            if n.kind == "attention":
+                layers = attention_conds.get(n.cond, set())
+                if n.layers is None or layers is None:
+                    attention_conds[n.cond] = None
+                else:
+                    attention_conds[n.cond] = layers | set(n.layers)
+        frozen = [c for c in dict.fromkeys(n.cond for n in needs if n.kind == "frozen") if c not in self._frozen]
+        frozen += [c for c in attention_conds if c not in frozen]
+        erased = [c for c in dict.fromkeys(n.cond for n in needs if n.kind in ("erased", "eraser_outputs"))
+                  if c not in self._erased]
+        record = {n.cond for n in needs if n.kind == "eraser_outputs"}
+        if frozen:
+            self._frozen_pass(frozen, attention_conds)
+        if erased:
+            self._erased_pass(erased, record)
+
+    def _stack(self, conds: list[str]):
+        b = self.x_t.size(0)
+        x = self.x_t.repeat(len(conds), *([1] * (self.x_t.dim() - 1)))
+        t = self.t.repeat(len(conds))
+        emb = torch.cat([self.embed(self.conds[c]) for c in conds])
+        return b, x, t, emb
+
+    def _frozen_pass(self, conds: list[str], attention_conds: dict[str, Optional[set]]) -> None:
+        b, x, t, emb = self._stack(conds)
+        capture = [c for c in conds if c in attention_conds]
+        with torch.no_grad(), self.erasers.disabled():
+            if capture:
+                text_len = emb.size(1)
+                masks = torch.zeros(len(conds) * b, text_len, dtype=torch.bool)
+                for i, c in enumerate(conds):
+                    if c in attention_conds:
+                        masks[i * b:(i + 1) * b] = self.token_masks[c]
+                layers = set()
+                for c in capture:
+                    layers = None if (layers is None or attention_conds[c] is None) else layers | attention_conds[c]
+                with self.backbone.capture_attention(masks, sorted(layers) if layers is not None else None,
+                                                     latent_shape=self.x_t.shape[1:]) as store:
+                    pred = self.backbone.predict(x, t, emb)
+                # rows of the store follow the order of capture conds (rows whose mask has tokens)
+                for j, c in enumerate(capture):
+                    self._attention[c] = {i: m[j * b:(j + 1) * b] for i, m in store.items()}
+            else:
+                pred = self.backbone.predict(x, t, emb)
+        for i, c in enumerate(conds):
+            self._frozen[c] = pred[i * b:(i + 1) * b]
+
+    def _erased_pass(self, conds: list[str], record: set[str]) -> None:
+        b, x, t, emb = self._stack(conds)
+        if record:
+            with self.erasers.recording() as outputs:
+                pred = self.backbone.predict(x, t, emb)
+            for i, c in enumerate(conds):
+                if c in record:
+                    self._outputs[c] = {site: o[i * b:(i + 1) * b] for site, o in outputs.items()}
+        else:
+            pred = self.backbone.predict(x, t, emb)
+        for i, c in enumerate(conds):
+            self._erased[c] = pred[i * b:(i + 1) * b]

@@ -1,0 +1,74 @@
+"""The three T2VUnlearning loss terms (torch; imported only to train).
+
+Each term declares what it reads (``needs()``) so the engine can batch the
+passes, then computes an unweighted scalar from the step context. The terms
+compare predictions of one model, so they work for any parameterisation
+(v-prediction, flow matching) without knowing the backbone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from t2vu.core.context import PRESERVED, TARGET, UNCOND, Need
+
+
+class NegativeGuidanceLoss:
+    """``||v'(x_t, c) - [v*(x_t, ∅) - eta (v*(x_t, c) - v*(x_t, ∅))]||^2``."""
+
+    def __init__(self, options):
+        self.options = options
+
+    def needs(self) -> list[Need]:
+        return [Need("frozen", UNCOND), Need("frozen", TARGET), Need("erased", TARGET)]
+
+    def target(self, ctx) -> torch.Tensor:
+        uncond, cond = ctx.frozen(UNCOND), ctx.frozen(TARGET)
+        return uncond - self.options.eta * (cond - uncond)
+
+    def __call__(self, ctx) -> torch.Tensor:
+        return F.mse_loss(ctx.erased(TARGET), self.target(ctx).detach())
+
+
+class PreservationLoss:
+    """``||v'(x_t, c_p) - v*(x_t, c_p)||^2`` for the preserved concept sampled this step."""
+
+    def __init__(self, options):
+        self.options = options
+
+    def needs(self) -> list[Need]:
+        return [Need("frozen", PRESERVED), Need("erased", PRESERVED)]
+
+    def __call__(self, ctx) -> torch.Tensor:
+        return F.mse_loss(ctx.erased(PRESERVED), ctx.frozen(PRESERVED).detach())
+
+
+def concept_mask(attention: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Min-max normalise ``[B, frames, tokens_per_frame]`` per frame; 1 where above ``threshold``."""
+    lo = attention.amin(dim=-1, keepdim=True)
+    hi = attention.amax(dim=-1, keepdim=True)
+    norm = (attention - lo) / (hi - lo).clamp_min(1e-12)
+    return (norm > threshold).to(attention.dtype)
+
+
+class LocalizationLoss:
+    """``mean_l ||o_l * (1 - M)||^2``: eraser outputs outside the concept's region are penalised."""
+
+    def __init__(self, options):
+        self.options = options
+
+    def needs(self) -> list[Need]:
+        layers = tuple(self.options.layers) if self.options.layers is not None else None
+        return [Need("attention", TARGET, layers), Need("eraser_outputs", TARGET)]
+
+    def mask(self, ctx) -> torch.Tensor:
+        """``[B, N_video]`` binary mask of the concept's region."""
+        attention = ctx.attention(TARGET, self.options.layers)
+        return concept_mask(attention, self.options.threshold).flatten(1)
+
+    def __call__(self, ctx) -> torch.Tensor:
+        outside = 1.0 - self.mask(ctx)
+        outputs = ctx.eraser_outputs(TARGET)
+        terms = [(o.float() * outside.to(o.device)[..., None]).pow(2).mean() for o in outputs.values()]
+        return torch.stack(terms).mean()
