@@ -332,3 +332,16 @@ class CogVideoXBackbone:
             frames, per_frame = self.token_grid(latent_shape)
             for i in list(store):
                 store[i] = store[i].reshape(store[i].size(0), frames, per_frame)
+
+    # -- decoding (generation and evaluation only; training never loads the VAE) ----------
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents ``[B, F, C, h, w]`` -> video ``[B, frames, 3, H, W]`` in [0, 1] (CogVideoX VAE)."""
+        if getattr(self, "_vae", None) is None:
+            from diffusers import AutoencoderKLCogVideoX
+
+            self._vae = AutoencoderKLCogVideoX.from_pretrained(self.path, subfolder="vae", torch_dtype=self.dtype)
+            self._vae.requires_grad_(False).eval().to(self.device)
+        x = latents.to(self.device, self.dtype).permute(0, 2, 1, 3, 4) / self._vae.config.scaling_factor
+        frames = self._vae.decode(x).sample  # [B, 3, frames, H, W] in [-1, 1]
+        return ((frames.float() + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4)

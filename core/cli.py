@@ -18,6 +18,8 @@ from rich.table import Table
 
 from t2vu import __version__
 from t2vu.core import plugins as plugin_manager
+from t2vu.core.eraser_cli import eraser_app
+from t2vu.core.eval_cli import eval_command, generate_command
 from t2vu.core.errors import T2VUError
 from t2vu.core.registry import KINDS, ComponentUnavailable
 from t2vu.core.spec import SpecError
@@ -32,12 +34,17 @@ app = typer.Typer(
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
     epilog="Examples:\n\n  t2vu run examples/cogvideox-5b-nudity.yaml --set training.steps=10\n\n"
-           "  t2vu plugins list --kind loss\n\n  t2vu spec init --backbone cogvideox > spec.yaml",
+           "  t2vu plugins list --kind loss\n\n  t2vu spec init --backbone cogvideox > spec.yaml\n\n"
+           "  t2vu eraser info runs/nudity/eraser.safetensors",
 )
 plugins_app = typer.Typer(help="Inspect installed plugins.", no_args_is_help=True)
 spec_app = typer.Typer(help="Validate, export and start run specs.", no_args_is_help=True)
 app.add_typer(plugins_app, name="plugins")
 app.add_typer(spec_app, name="spec")
+app.add_typer(eraser_app, name="eraser")
+app.command("generate", epilog="Example: t2vu generate spec.yaml --prompt 'a red circle moving left' --compare")(
+    generate_command)
+app.command("eval", epilog="Example: t2vu eval examples/toy-erase-red.yaml")(eval_command)
 
 SET_HELP = "Override a spec field, e.g. --set training.steps=10 --set losses[0].eta=3 (value parsed as YAML)."
 
@@ -57,7 +64,9 @@ def _main(
 
 
 def fail(message: str, code: int = 1) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -195,6 +204,47 @@ def spec_init(
     if backbone not in registry.components["backbone"]:
         fail(registry.unknown_message("backbone", backbone), 2)
     sys.stdout.write(starter_spec(registry.components["backbone"][backbone]))
+
+
+# -- concepts ----------------------------------------------------------------------------
+@app.command(epilog="Examples: t2vu concepts dog --source wordnet --count 10\n\n"
+                    "  t2vu concepts nudity --source llm --set base_url=http://127.0.0.1:8000/v1 "
+                    "--set model=qwen --set api_key_env=MY_KEY --json")
+def concepts(
+    target: str = typer.Argument(..., help="The concept to erase, e.g. 'nudity'."),
+    source: str = typer.Option(..., "--source", help="Concept source: file, list, wordnet, llm, ..."),
+    count: Optional[int] = typer.Option(None, "--count", min=1, help="Keep at most this many."),
+    set_: Optional[List[str]] = typer.Option(
+        None, "--set", help="A source option as in the spec's preserved block, e.g. --set model=qwen "
+                            "(value parsed as YAML)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of strings."),
+) -> None:
+    """Preview the preserved concepts a source yields for TARGET."""
+    from t2vu.core.concepts import collect_preserved, resolve_source
+
+    try:
+        block = resolve_source(plugin_manager.get_registry(), source, set_ or [], count)
+    except SpecError as exc:
+        from t2vu.core.spec import format_path
+
+        lines = [f"invalid options for concept source {source!r}:"]
+        for problem in exc.problems:
+            where = format_path(problem.path)
+            label = "--source" if where == "source" else (f"--set {where}" if where else "options")
+            lines.append(f"  {label}: {problem.message}")
+        err_console.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
+        plugin_manager.warn_failed()
+        raise typer.Exit(2)
+    try:
+        found = collect_preserved([block], target)
+    except (T2VUError, ComponentUnavailable) as exc:
+        fail(str(exc), getattr(exc, "exit_code", 1))
+    if as_json:
+        sys.stdout.write(json.dumps(found, ensure_ascii=False) + "\n")
+        return
+    err_console.print(f"{len(found)} preserved concepts for {target!r} from {source}:", highlight=False)
+    for item in found:
+        console.print(item, markup=False, highlight=False, soft_wrap=True)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -56,5 +56,10 @@ def register_evaluators(register: Register) -> None:
 
 
 @hookspec
+def register_prompt_sets(register: Register) -> None:
+    """Register evaluation prompt generators that ``t2vu eval`` can draw prompts from."""
+
+
+@hookspec
 def register_commands(cli: Any) -> None:
     """Add sub-commands to the ``t2vu`` Typer application ``cli``."""

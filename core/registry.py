@@ -22,6 +22,7 @@ KINDS: dict[str, str] = {
     "concept_source": "register_concept_sources",
     "augmenter": "register_augmenters",
     "evaluator": "register_evaluators",
+    "prompt_set": "register_prompt_sets",
 }
 
 

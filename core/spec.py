@@ -100,6 +100,24 @@ class OutputSpec(_Strict):
     overwrite: bool = Field(False, description="Replace an eraser already in dir.")
 
 
+class EvalSpec(_Strict):
+    """``t2vu eval``: which prompts to generate, how, and which judges score them."""
+
+    prompts: Union[SpecPath, list[str], dict[str, Any]] = Field(
+        description="A CSV file (columns: prompt, optional seed, group, expect_<attribute>), an inline "
+        "list, or a generator block {generator: NAME, ...options}.")
+    judges: list[Union[str, dict[str, Any]]] = Field(default_factory=list, description="Evaluator names or blocks.")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1,
+                             description="Seeds for prompts that do not carry their own.")
+    steps: int = Field(25, gt=0, description="Sampler steps.")
+    guidance: float = Field(5.0, ge=1, description="Classifier-free guidance scale.")
+    batch_size: int = Field(8, gt=0)
+    num_frames: Optional[int] = Field(None, gt=0, description="Default: training.num_frames.")
+    height: Optional[int] = Field(None, gt=0, description="Default: training.height.")
+    width: Optional[int] = Field(None, gt=0, description="Default: training.width.")
+    thumbnails: int = Field(12, ge=0, description="Side-by-side GIFs in report.md.")
+
+
 class RunSpec(_Strict):
     backbone: dict[str, Any]
     eraser: dict[str, Any] = Field(default_factory=lambda: {"name": "adapter"})
@@ -109,6 +127,7 @@ class RunSpec(_Strict):
     losses: list[dict[str, Any]] = Field(min_length=1)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     output: OutputSpec
+    eval: Optional[EvalSpec] = None
 
 
 #: spec section -> (component kind, key naming the component)
@@ -170,7 +189,8 @@ class Resolved:
         return self.component.build(self.options, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        key = COMPONENT_SECTIONS[_section_of(self.path)][1]
+        key = "generator" if self.component.kind == "prompt_set" else (
+            "source" if self.component.kind == "concept_source" else "name")
         return {key: self.component.name, **self.options.model_dump(mode="json")}
 
 
@@ -184,10 +204,16 @@ class ResolvedSpec:
     augment: list[Resolved]
     source: Optional[Path] = None
     raw: dict[str, Any] = field(default_factory=dict)
+    eval_prompts: Optional[Resolved] = None  # a prompt-set generator block, when eval.prompts is one
+    judges: list[Resolved] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved spec, defaults filled in, paths absolute."""
         data = self.spec.model_dump(mode="json", exclude={"backbone", "eraser", "losses", "preserved", "augment"})
+        if data.get("eval") is not None:
+            if self.eval_prompts is not None:
+                data["eval"]["prompts"] = self.eval_prompts.to_dict()
+            data["eval"]["judges"] = [j.to_dict() for j in self.judges]
         out: dict[str, Any] = {
             "backbone": self.backbone.to_dict(),
             "eraser": self.eraser.to_dict(),
@@ -198,14 +224,12 @@ class ResolvedSpec:
             "training": data["training"],
             "output": data["output"],
         }
+        if data.get("eval") is not None:
+            out["eval"] = data["eval"]
         return out
 
     def components(self) -> list[Resolved]:
         return [self.backbone, self.eraser, *self.preserved, *self.augment, *self.losses]
-
-
-def _section_of(path: str) -> str:
-    return re.split(r"[.\[]", path, maxsplit=1)[0]
 
 
 # -- paths, lines ------------------------------------------------------------------
@@ -493,6 +517,7 @@ def validate(doc: SpecDocument, registry: Registry) -> ResolvedSpec:
         else:
             resolved[section] = _phase2_block(registry, kind, key, value, (section,), doc, problems)
 
+    eval_prompts, judges = _phase2_eval(registry, data.get("eval"), doc, problems)
     if spec is not None and not problems:
         problems.extend(_cross_checks(spec, resolved, doc))
     if problems:
@@ -501,8 +526,23 @@ def validate(doc: SpecDocument, registry: Registry) -> ResolvedSpec:
     return ResolvedSpec(
         spec=spec, backbone=resolved["backbone"], eraser=resolved["eraser"],
         losses=resolved["losses"], preserved=resolved["preserved"], augment=resolved["augment"],
-        source=doc.source, raw=data,
+        source=doc.source, raw=data, eval_prompts=eval_prompts, judges=judges,
     )
+
+
+def _phase2_eval(registry: Registry, block: Any, doc: SpecDocument, problems: list[Problem]):
+    """The eval section's component blocks: a prompt generator and the judges."""
+    if not isinstance(block, dict):
+        return None, []
+    prompts = None
+    if isinstance(block.get("prompts"), dict):
+        prompts = _phase2_block(registry, "prompt_set", "generator", block["prompts"], ("eval", "prompts"),
+                                doc, problems)
+    judges = []
+    for i, judge in enumerate(block.get("judges") or []):
+        judge = {"name": judge} if isinstance(judge, str) else judge
+        judges.append(_phase2_block(registry, "evaluator", "name", judge, ("eval", "judges", i), doc, problems))
+    return prompts, judges
 
 
 def _cross_checks(spec: RunSpec, resolved: dict[str, Any], doc: SpecDocument) -> list[Problem]:
@@ -550,8 +590,7 @@ def json_schema(registry: Registry) -> dict[str, Any]:
     """JSON Schema of the whole spec, every registered plugin's options included."""
     from pydantic import create_model
 
-    def union_for(section: str) -> Any:
-        kind, key = COMPONENT_SECTIONS[section]
+    def union_for(kind: str, key: str) -> Any:
         members = []
         for name in registry.names(kind):
             comp = registry.components[kind][name]
@@ -567,7 +606,13 @@ def json_schema(registry: Registry) -> dict[str, Any]:
             return members[0]
         return Annotated[Union[tuple(members)], Field(discriminator=key)]
 
-    backbone, eraser, loss, source, augmenter = (union_for(s) for s in COMPONENT_SECTIONS)
+    backbone, eraser, loss, source, augmenter = (union_for(*k) for k in COMPONENT_SECTIONS.values())
+    generator, judge = union_for("prompt_set", "generator"), union_for("evaluator", "name")
+    eval_model = create_model(
+        "EvalSpec", __base__=EvalSpec,
+        prompts=(Union[str, list[str], generator], ...),
+        judges=(list[Union[str, judge]], Field(default_factory=list)),
+    )
     model = create_model(
         "RunSpec", __base__=RunSpec,
         backbone=(backbone, ...),
@@ -575,6 +620,7 @@ def json_schema(registry: Registry) -> dict[str, Any]:
         preserved=(Optional[Union[source, list[source]]], None),
         augment=(list[augmenter], Field(default_factory=list)),
         losses=(list[loss], Field(min_length=1)),
+        eval=(Optional[eval_model], None),
     )
     schema = model.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"

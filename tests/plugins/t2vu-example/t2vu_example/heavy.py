@@ -17,8 +17,13 @@ class L1Loss:
 
 
 class Judge:
+    """Judges a video [F, 3, H, W] in [0, 1] 'bright' or 'dark' by its mean value."""
+
+    attribute = "brightness"
+    labels = ("bright", "dark")
+
     def __init__(self, options):
         self.options = options
 
-    def __call__(self, video, prompt):
-        return self.options.label
+    def __call__(self, video):
+        return "bright" if float(video.mean()) > self.options.threshold else "dark"

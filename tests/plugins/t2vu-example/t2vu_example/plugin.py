@@ -27,8 +27,8 @@ class RepeatOptions(Options):
     times: int = Field(2, gt=0)
 
 
-class ConstantJudgeOptions(Options):
-    label: str = "ok"
+class BrightnessJudgeOptions(Options):
+    threshold: float = Field(0.5, ge=0, le=1)
 
 
 class ColoursSource:
@@ -74,7 +74,26 @@ def register_augmenters(register):
     register("example_repeat", RepeatAugmenter, options=RepeatOptions, summary="Repeat every prompt")
 
 
+class FixedPromptsOptions(Options):
+    prompts: list[str] = ["a blue circle"]
+
+
+class FixedPrompts:
+    def __init__(self, options):
+        self.options = options
+
+    def rows(self, spec):
+        from t2vu.core.evaluate import EvalPrompt
+
+        return [EvalPrompt(p, seed=i) for i, p in enumerate(self.options.prompts)]
+
+
+@hookimpl
+def register_prompt_sets(register):
+    register("example_prompts", FixedPrompts, options=FixedPromptsOptions, summary="Fixed evaluation prompts")
+
+
 @hookimpl
 def register_evaluators(register):
-    register("example_judge", "t2vu_example.heavy:Judge", options=ConstantJudgeOptions,
-             summary="A judge that always answers the same")
+    register("example_judge", "t2vu_example.heavy:Judge", options=BrightnessJudgeOptions,
+             summary="Judges a video bright or dark")

@@ -1,0 +1,232 @@
+"""Composes a run from a resolved spec and trains the erasers (accelerate).
+
+Data flows one way: prompts -> embeddings (the text encoder runs once, then
+leaves memory) -> training states -> predictions (one frozen pass, one erased
+pass per step, see :mod:`t2vu.core.context`) -> loss terms -> eraser update ->
+``eraser.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from t2vu.core.errors import T2VUError
+from t2vu.core.spec import ResolvedSpec, read_lines_file
+
+ERASER_FILE = "eraser.safetensors"
+OUTPUTS = (ERASER_FILE, "metrics.jsonl", "spec.yaml", "prompts.json", "checkpoints")
+
+
+@dataclass
+class Prompts:
+    target: str
+    target_prompts: list[str]  # after augmentation
+    unlearn: list[str]  # the pool the unlearning condition is drawn from
+    preserved: list[str]
+
+
+@dataclass
+class RunResult:
+    eraser: Path
+    metrics: list[dict] = field(default_factory=list)
+
+
+def check_output_dir(resolved: ResolvedSpec) -> Path:
+    """Refuse to touch a folder that holds a previous run unless ``output.overwrite``."""
+    out = Path(resolved.spec.output.dir)
+    if out.exists() and not out.is_dir():
+        raise T2VUError(f"output.dir {out} is a file")
+    existing = [name for name in OUTPUTS if (out / name).exists()]
+    if existing and not resolved.spec.output.overwrite:
+        raise T2VUError(
+            f"output.dir {out} already holds a run ({', '.join(existing)}); choose another output.dir "
+            "or set output.overwrite: true (--set output.overwrite=true)")
+    return out
+
+
+def gather_prompts(resolved: ResolvedSpec) -> Prompts:
+    from t2vu.core.concepts import augment_prompts, collect_preserved
+
+    concept = resolved.spec.concept
+    target = concept.target.strip()
+    if isinstance(concept.prompts, list):
+        prompts = [p.strip() for p in concept.prompts if p.strip()]
+    elif concept.prompts is not None:
+        prompts = read_lines_file(Path(concept.prompts))
+    else:
+        prompts = []
+    prompts = augment_prompts(resolved.augment, target, prompts) if resolved.augment else prompts
+    if concept.condition in ("prompts", "mix") and not prompts:
+        raise T2VUError(f"concept.condition is {concept.condition!r} but concept.prompts gives no prompts")
+    unlearn = {"concept": [target], "prompts": prompts, "mix": [target] + prompts}[concept.condition]
+    preserved = collect_preserved(resolved.preserved, target) if resolved.preserved else []
+    if any(getattr(loss.options, "requires_preserved", False) for loss in resolved.losses) and not preserved:
+        raise T2VUError("the preserved sources yielded no concepts, but a loss term needs them")
+    return Prompts(target, prompts, unlearn, preserved)
+
+
+def run(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict], None]] = None) -> Path:
+    """Train and write ``eraser.safetensors``; return its path."""
+    return train(resolved, console=console, on_step=on_step).eraser
+
+
+def train(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict], None]] = None) -> RunResult:
+    out = check_output_dir(resolved)
+    spec, tr = resolved.spec, resolved.spec.training
+    prompts = gather_prompts(resolved)
+    backbone = resolved.backbone.build()  # checks the model folder before anything heavy loads
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    from t2vu.core.context import PRESERVED, TARGET, UNCOND, StepContext
+    from t2vu.core.eraser_io import save_eraser
+    from t2vu.core.states import make_states
+
+    device_opt = getattr(resolved.backbone.options, "device", None)
+    accelerator = Accelerator(cpu=(device_opt == "cpu"))
+    set_seed(tr.seed)
+    device = torch.device(device_opt) if device_opt else accelerator.device
+    backbone.load(device)
+
+    # prompts -> embeddings, once; the text encoder leaves memory after this
+    every = [""] + prompts.unlearn + prompts.target_prompts + prompts.preserved
+    embeddings = backbone.encode_prompts(every)
+
+    def embed(batch: list[str]) -> torch.Tensor:
+        return torch.stack([embeddings[p] for p in batch])
+
+    masks = {p: backbone.concept_token_mask(p, prompts.target) for p in dict.fromkeys(prompts.unlearn + prompts.target_prompts)}
+
+    erasers = resolved.eraser.build().build(backbone.sites()).to(device)
+    erasers.attach(backbone.sites())
+    losses = [(r, r.build()) for r in resolved.losses]
+    if tr.gradient_checkpointing:
+        backbone.enable_gradient_checkpointing()
+
+    params = [p for p in erasers.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tr.learning_rate, weight_decay=tr.weight_decay)
+    lr_scheduler = get_scheduler(tr.lr_scheduler, optimizer, num_warmup_steps=tr.warmup_steps,
+                                 num_training_steps=tr.steps)
+    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+
+    rng = random.Random(tr.seed)
+    generator = torch.Generator().manual_seed(tr.seed)
+    latent_shape = backbone.latent_shape(tr.num_frames, tr.height, tr.width)
+    state_source = make_states(tr.states, backbone, erasers, latent_shape, generator, device, embed, tr, rng)
+    needs = [need for _, loss in losses for need in loss.needs()]
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "prompts.json").write_text(json.dumps(
+        {"target": prompts.target, "condition": spec.concept.condition, "unlearn": prompts.unlearn,
+         "target_prompts": prompts.target_prompts, "preserved": prompts.preserved}, indent=2) + "\n")
+    _write_spec(out / "spec.yaml", resolved)
+    metrics_file = (out / "metrics.jsonl").open("w")
+    history: list[dict] = []
+    progress = _Progress(console, tr.steps, [r.name for r, _ in losses])
+    start = time.perf_counter()
+    try:
+        for step in range(tr.steps):
+            b = tr.batch_size
+            trajectory_prompts = [rng.choice(prompts.target_prompts or prompts.unlearn) for _ in range(b)]
+            states = state_source.next(step, trajectory_prompts)
+            conds = {UNCOND: [""] * b,
+                     TARGET: [_unlearn_prompt(spec.concept.condition, prompts, s, rng) for s in states.prompts]}
+            if prompts.preserved:
+                conds[PRESERVED] = [rng.choice(prompts.preserved) for _ in range(b)]
+            ctx = StepContext(backbone, erasers, states.x_t, states.t, conds, embed,
+                              token_masks={TARGET: torch.stack([masks[p] for p in conds[TARGET]])})
+            if states.teacher:
+                ctx.seed_frozen(UNCOND, states.teacher["uncond"])
+                if conds[TARGET] == states.prompts:  # the sampler's conditional pass is this condition
+                    ctx.seed_frozen(TARGET, states.teacher["cond"])
+            ctx.prefetch(needs)
+            terms = {r.name: loss(ctx) for r, loss in losses}
+            total = sum(r.options.weight * terms[r.name] for r, _ in losses)
+            accelerator.backward(total)
+            if accelerator.num_processes > 1:
+                for p in params:
+                    if p.grad is not None:
+                        p.grad = accelerator.reduce(p.grad, "mean")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, tr.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            row = {"step": step + 1, "loss": float(total.detach()),
+                   **{k: float(v.detach()) for k, v in terms.items()},
+                   "grad_norm": float(grad_norm), "lr": lr_scheduler.get_last_lr()[0],
+                   "seconds": round(time.perf_counter() - start, 3)}
+            if not all(math.isfinite(v) for k, v in row.items() if isinstance(v, float)):
+                raise T2VUError(f"step {step + 1}: the loss became non-finite ({row}); lower training.learning_rate")
+            history.append(row)
+            if (step + 1) % tr.log_every == 0 or step + 1 == tr.steps:
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+            progress.update(row)
+            if on_step:
+                on_step(row)
+            if tr.checkpoint_every and (step + 1) % tr.checkpoint_every == 0 and step + 1 < tr.steps:
+                save_eraser(out / "checkpoints" / f"step-{step + 1:06d}" / ERASER_FILE, erasers,
+                            **_eraser_meta(backbone, prompts, resolved, step + 1))
+    finally:
+        metrics_file.close()
+        progress.close()
+    path = save_eraser(out / ERASER_FILE, erasers, **_eraser_meta(backbone, prompts, resolved, tr.steps))
+    erasers.detach()
+    return RunResult(path, history)
+
+
+def _unlearn_prompt(condition: str, prompts: Prompts, trajectory_prompt: str, rng: random.Random) -> str:
+    if condition == "concept":
+        return prompts.target
+    if condition == "prompts":
+        return trajectory_prompt if trajectory_prompt in prompts.target_prompts else rng.choice(prompts.target_prompts)
+    return prompts.target if rng.random() < 0.5 else (
+        trajectory_prompt if trajectory_prompt in prompts.target_prompts else rng.choice(prompts.target_prompts))
+
+
+def _eraser_meta(backbone, prompts: Prompts, resolved: ResolvedSpec, step: int) -> dict[str, Any]:
+    return {"backbone": resolved.backbone.name, "backbone_config": backbone.config, "target": prompts.target,
+            "spec": resolved.to_dict(), "extra": {"step": step}}
+
+
+def _write_spec(path: Path, resolved: ResolvedSpec) -> None:
+    import yaml
+
+    path.write_text("# the resolved spec of this run (defaults filled in, paths absolute)\n"
+                    + yaml.safe_dump(resolved.to_dict(), sort_keys=False))
+
+
+class _Progress:
+    """A rich progress bar with each loss term and the speed; silent without a console."""
+
+    def __init__(self, console, total: int, names: list[str]):
+        self.names = names
+        self.progress = None
+        if console is not None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
+                                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                                     console=console, transient=False)
+            self.task = self.progress.add_task("train", total=total, info="")
+            self.progress.start()
+
+    def update(self, row: dict) -> None:
+        if self.progress is None:
+            return
+        speed = row["step"] / max(row["seconds"], 1e-9)
+        info = " ".join(f"{n}={row[n]:.4g}" for n in self.names) + f" | {speed:.2f} it/s"
+        self.progress.update(self.task, advance=1, info=info)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()

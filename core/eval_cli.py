@@ -1,0 +1,76 @@
+"""``t2vu generate`` and ``t2vu eval``: generic over backbones; heavy imports inside the commands."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+SET_HELP = "Override a spec field, e.g. --set eval.steps=10 (value parsed as YAML)."
+
+
+def generate_command(
+    spec: Path = typer.Argument(..., help="The run spec (YAML) whose backbone generates."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The text prompt."),
+    eraser: Optional[Path] = typer.Option(None, "--eraser", help="Eraser file (default: <output.dir>/eraser.safetensors)."),
+    compare: bool = typer.Option(False, "--compare", help="Also generate without the eraser, same seed, and a side-by-side GIF."),
+    seed: int = typer.Option(0, "--seed", help="Noise seed."),
+    steps: int = typer.Option(25, "--steps", help="Sampler steps."),
+    guidance: float = typer.Option(5.0, "--guidance", help="Classifier-free guidance scale."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the videos (default: <output.dir>/samples)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Generate a video with the eraser (and, with --compare, without it from the same seed)."""
+    from t2vu.core.cli import console, fail, load_resolved
+    from t2vu.core.errors import T2VUError
+
+    resolved = load_resolved(spec, set_)
+    try:
+        from t2vu.core.evaluate import default_eraser, load_for_generation
+        from t2vu.core.sampling import generate, side_by_side, write_video
+
+        eraser_path = default_eraser(resolved, eraser)
+        backbone, handle, embeddings = load_for_generation(resolved, eraser_path, [prompt])
+        tr = resolved.spec.training
+        kwargs = dict(num_frames=tr.num_frames, height=tr.height, width=tr.width, steps=steps, guidance=guidance)
+        erased = generate(backbone, embeddings, [prompt], [seed], **kwargs)[0]
+        original = generate(backbone, embeddings, [prompt], [seed], disabled_erasers=handle.erasers,
+                            **kwargs)[0] if compare else None
+        handle.remove()
+    except T2VUError as exc:
+        fail(str(exc))
+        return
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "prompt"
+    folder = (out or Path(resolved.spec.output.dir) / "samples") / f"{slug}-seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    write_video(folder / "erased.mp4", erased)
+    written = [folder / "erased.mp4"]
+    if original is not None:
+        write_video(folder / "original.mp4", original)
+        write_video(folder / "compare.gif", side_by_side(original, erased))
+        written += [folder / "original.mp4", folder / "compare.gif"]
+        console.print(f"mean pixel change: {float((erased - original).abs().mean()):.4f}")
+    for path in written:
+        console.print(f"[green]wrote[/] {path}")
+
+
+def eval_command(
+    spec: Path = typer.Argument(..., help="The run spec (YAML) with an 'eval:' section."),
+    eraser: Optional[Path] = typer.Option(None, "--eraser", help="Eraser file (default: <output.dir>/eraser.safetensors)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Generate the eval prompts with and without the eraser, judge them, write eval/report.{json,md}."""
+    from t2vu.core.cli import console, fail, load_resolved
+    from t2vu.core.errors import T2VUError
+
+    resolved = load_resolved(spec, set_)
+    try:
+        from t2vu.core.evaluate import evaluate
+
+        evaluate(resolved, eraser, console=console)
+    except T2VUError as exc:
+        fail(str(exc))
+        return
+    console.print(f"[green]report:[/] {Path(resolved.spec.output.dir) / 'eval' / 'report.md'}")

@@ -1,0 +1,114 @@
+"""`t2vu generate` and `t2vu eval` on a tiny CogVideoX folder."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from t2vu.core import plugins
+from t2vu.core.cli import app
+from t2vu.core.spec import load_spec
+
+torch.set_num_threads(1)
+runner = CliRunner()
+
+SPEC = """\
+backbone: {{name: cogvideox, model_path: {model}, dtype: float32, device: cpu}}
+eraser: {{name: adapter, rank: 4}}
+concept: {{target: nudity}}
+losses: [{{name: negative_guidance, eta: 3.0}}]
+training: {{steps: 3, batch_size: 1, learning_rate: 1.0e-2, num_frames: 9, height: 32, width: 32, seed: 0}}
+output: {{dir: run}}
+eval:
+  prompts: prompts.csv
+  judges: [{{name: example_judge, threshold: 0.5}}]
+  seeds: [0, 1]
+  steps: 3
+  thumbnails: 2
+"""
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from tiny import build_tiny_cogvideox
+
+    root = tmp_path_factory.mktemp("gen")
+    folder = build_tiny_cogvideox(root / "CogVideoX-tiny")
+    spec = root / "spec.yaml"
+    spec.write_text(SPEC.format(model=folder))
+    (root / "prompts.csv").write_text("prompt,seed,group,expect_brightness\n"
+                                      "a nude person on a beach,,target,dark\n"
+                                      "a dog in a park,7,other,bright\n")
+    r = runner.invoke(app, ["run", str(spec)])
+    assert r.exit_code == 0, r.output
+    return root, folder, spec
+
+
+def test_sampler_matches_the_stock_diffusers_pipeline(trained):
+    """Our CFG sampler through the backbone API gives CogVideoXPipeline's video (same noise)."""
+    from diffusers import CogVideoXPipeline
+
+    from t2vu.core.sampling import generate, initial_noise
+
+    root, folder, spec = trained
+    backbone = plugins.get_registry().get("backbone", "cogvideox").build({"model_path": str(folder), "dtype": "float32"})
+    backbone.load("cpu")
+    emb = backbone.encode_prompts(["", "a red car"])
+    ours = generate(backbone, emb, ["a red car"], [3], num_frames=9, height=32, width=32, steps=4, guidance=5.0)
+    pipe = CogVideoXPipeline.from_pretrained(folder)
+    ref = pipe("a red car", num_frames=9, height=32, width=32, num_inference_steps=4, guidance_scale=5.0,
+               output_type="pt", max_sequence_length=16, latents=initial_noise((1, 3, 4, 4, 4), 3)[None][0]).frames
+    assert ours.shape == ref.shape == (1, 9, 3, 32, 32)
+    assert torch.allclose(ours, ref, atol=1e-4)
+
+
+def test_generate_compare_writes_videos(trained):
+    root, folder, spec = trained
+    r = runner.invoke(app, ["generate", str(spec), "--prompt", "a nude person", "--compare", "--seed", "5",
+                            "--steps", "3"])
+    assert r.exit_code == 0, r.output
+    out = root / "run/samples/a-nude-person-seed5"
+    assert {p.name for p in out.iterdir()} == {"erased.mp4", "original.mp4", "compare.gif"}
+    import imageio.v3 as iio
+
+    frames = iio.imread(out / "compare.gif")
+    assert frames.shape[0] == 9 and frames.shape[2] > frames.shape[1]  # side by side: wider than tall
+    r = runner.invoke(app, ["generate", str(spec), "--prompt", "x", "--eraser", str(root / "missing.safetensors")])
+    assert r.exit_code == 1 and "no eraser at" in r.output
+
+
+def test_eval_writes_report(trained):
+    root, folder, spec = trained
+    r = runner.invoke(app, ["eval", str(spec)])
+    assert r.exit_code == 0, r.output
+    report = json.loads((root / "run/eval/report.json").read_text())
+    # two csv rows: the first without a seed uses eval.seeds (0, 1), the second its own seed 7
+    assert [(row["prompt"], row["seed"]) for row in report["rows"]] == [
+        ("a nude person on a beach", 0), ("a nude person on a beach", 1), ("a dog in a park", 7)]
+    assert set(report["summary"]) == {"brightness_accuracy", "pixel_change"}
+    assert set(report["summary"]["pixel_change"]) >= {"before", "after"}
+    assert report["summary"]["pixel_change"]["before"] == 0.0
+    md = (root / "run/eval/report.md").read_text()
+    assert "| brightness_accuracy |" in md and md.count("![](thumbs/") == 2
+    assert "brightness_accuracy" in r.output
+
+
+def test_eval_without_eval_section_is_a_clear_error(trained, tmp_path):
+    root, folder, spec = trained
+    text = spec.read_text().split("eval:")[0].replace("dir: run", f"dir: {root / 'run'}")
+    bare = tmp_path / "bare.yaml"
+    bare.write_text(text)
+    r = runner.invoke(app, ["eval", str(bare)])
+    assert r.exit_code == 1 and "no 'eval:' section" in r.output
+
+
+def test_eval_spec_validation(trained, tmp_path):
+    root, folder, spec = trained
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(spec.read_text().replace("example_judge", "example_jugde").replace("prompts: prompts.csv",
+                   "prompts: {generator: example_prompt}"))
+    r = runner.invoke(app, ["spec", "validate", str(bad)])
+    assert r.exit_code == 2
+    assert "eval.judges[0].name (line 9): unknown evaluator 'example_jugde'; did you mean 'example_judge'?" in r.output
+    assert "eval.prompts.generator (line 8): unknown prompt set 'example_prompt'; did you mean 'example_prompts'?" in r.output
