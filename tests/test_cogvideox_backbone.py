@@ -214,3 +214,30 @@ def test_localization_mask_lands_on_the_region_that_attends_to_the_concept():
     proc(attn, video, text)
     mask = concept_mask(store[0].reshape(1, 2, 4), threshold=0.5)
     assert mask.tolist() == [[[0, 0, 0, 0], [0, 0, 1, 0]]]
+
+
+def test_cogvideox15_layout_patch_size_t(tmp_path):
+    """CogVideoX1.5 (patch_size_t=2, slice RoPE grid): frames padded, stock output reproduced."""
+    from tiny import build_tiny_cogvideox
+
+    folder = build_tiny_cogvideox(tmp_path / "cog15", patch_size_t=2, layers=1)
+    backbone = plugins.get_registry().get("backbone", "cogvideox").build({"model_path": str(folder), "dtype": "float32"})
+    backbone.load("cpu")
+    shape = backbone.latent_shape(9, 32, 32)
+    assert shape == (4, 4, 4, 4)  # 3 latent frames padded to a multiple of patch_size_t
+    assert backbone.token_grid(shape) == (2, 4)
+    from diffusers import CogVideoXPipeline
+
+    pipe = CogVideoXPipeline.from_pretrained(folder)
+    for ours, theirs in zip(backbone._rotary(shape), pipe._prepare_rotary_positional_embeddings(32, 32, 4, "cpu")):
+        assert torch.equal(ours, theirs)  # the pipeline's own RoPE for these latents
+    stock = pipe.transformer.eval()
+    x, t = torch.randn(1, *shape), torch.tensor([250])
+    e = backbone.encode_prompts(["a red car"])["a red car"][None]
+    with torch.no_grad():
+        ref = stock(hidden_states=x, encoder_hidden_states=e, timestep=t,
+                    image_rotary_emb=backbone._rotary(shape), return_dict=False)[0]
+        assert torch.equal(backbone.predict(x, t, e), ref)
+        with backbone.capture_attention(torch.ones(1, 16, dtype=torch.bool), None, latent_shape=shape) as store:
+            backbone.predict(x, t, e)
+    assert store[0].shape == (1, 2, 4)
