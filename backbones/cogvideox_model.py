@@ -114,6 +114,8 @@ class CogVideoXBackbone:
     """CogVideoX transformer from a local diffusers folder (v-prediction, text tokens first)."""
 
     name = "cogvideox"
+    #: where erasers attach on a loaded transformer (load_eraser asks the backbone class)
+    transformer_sites = staticmethod(transformer_sites)
 
     def __init__(self, options):
         self.options = options

@@ -36,6 +36,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "t2vu.losses.preservation",
     "t2vu.losses.localization",
     "t2vu.concept_sources.basic",
+    "t2vu.toy.plugin",
     "t2vu.concept_sources.wordnet",
     "t2vu.concept_sources.llm",
     "t2vu.plugins.augment",

@@ -1,0 +1,230 @@
+"""The toy world: rendering, judges, determinism, `t2vu toy build`, the shipped base model."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from t2vu.core import plugins
+from t2vu.toy import judges as J
+from t2vu.toy.world import DEFAULT_WORLD as W
+from t2vu.toy.world import World, shape_mask
+
+torch.set_num_threads(1)
+torch.set_flush_denormal(True)
+
+
+def blur(video, sigma=0.8):
+    k = np.exp(-0.5 * (np.arange(-2, 3) / sigma) ** 2)
+    k /= k.sum()
+    out = video
+    for axis in (2, 3):
+        out = sum(k[i] * np.roll(out, i - 2, axis=axis) for i in range(5))
+    return out.astype(np.float32)
+
+
+def noisy(video, rng, std=0.1):
+    return np.clip(video + rng.normal(0, std, video.shape), 0, 1).astype(np.float32)
+
+
+# -- the world ------------------------------------------------------------------------
+def test_vocabulary_and_split():
+    assert len(W.colors) >= 6 and {"red", "orange", "magenta"} <= set(W.colors)
+    assert len(W.shapes) == 3 and len(W.directions) == 4
+    assert {"crimson", "scarlet"} <= set(W.synonyms["red"])
+    held, train = W.held_out(), W.train_combinations()
+    assert len(held) == 12 and len(train) == 60 and not set(held) & set(train)
+    # every pair of attributes of a held-out triple is still seen in training
+    for c, s, d in held:
+        assert any(x[:2] == (c, s) for x in train)
+        assert any((x[0], x[2]) == (c, d) for x in train)
+        assert any(x[1:] == (s, d) for x in train)
+    # no training caption names a held-out triple, with any colour word
+    caps = set(W.all_training_captions())
+    for c, s, d in held:
+        for w in W.color_words(c):
+            assert W.caption(w, s, d) not in caps
+    assert "" in caps and "red" in caps and "crimson" in caps
+
+
+@pytest.mark.parametrize("shape", W.shapes)
+def test_render_every_class(shape):
+    for color, direction in itertools.product(W.colors, W.directions):
+        clip = W.render(color, shape, direction)
+        assert clip.shape == (W.frames, 3, W.size, W.size) and clip.dtype == np.float32
+        assert 0 <= clip.min() and clip.max() <= 1
+        # the object's pure pixels carry the colour, the corners the background
+        rgb = np.asarray(W.colors[color])
+        alpha = np.abs(clip - np.asarray(W.background)[None, :, None, None]).sum(1)
+        core = clip.transpose(0, 2, 3, 1)[alpha >= alpha.max() - 1e-6]
+        assert np.allclose(core, rgb, atol=1e-5)
+        assert np.allclose(clip[:, :, 0, 0], W.background)
+        # it moves `speed` px per frame in its direction
+        ys, xs = np.mgrid[0:W.size, 0:W.size]
+        cx = [(a * xs).sum() / a.sum() for a in alpha]
+        cy = [(a * ys).sum() / a.sum() for a in alpha]
+        dx, dy = W.directions[direction]
+        assert np.allclose(np.diff(cx), dx * W.speed, atol=1e-4)
+        assert np.allclose(np.diff(cy), dy * W.speed, atol=1e-4)
+    area = shape_mask(shape, W.shape_size).mean()
+    assert {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}[shape] == pytest.approx(area, abs=0.02)
+
+
+def test_world_is_deterministic_and_round_trips():
+    a, b = W.batches(3, 4), W.batches(3, 4)
+    for _ in range(3):
+        (ca, pa), (cb, pb) = next(a), next(b)
+        assert np.array_equal(ca, cb) and pa == pb
+    assert not np.array_equal(next(W.batches(4, 4))[0], next(W.batches(3, 4))[0])
+    assert World.from_dict(W.to_dict()) == W
+    with pytest.raises(ValueError):
+        W.render("red", "circle", "left", x=0)  # no room to move left
+
+
+# -- judges ---------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["clean", "noise", "blur", "noise+blur"])
+def test_judges_on_renders_of_every_class(mode):
+    rng = np.random.default_rng(7)
+    wrong = []
+    for c, s, d in W.combinations():
+        for _ in range(2):
+            clip = W.random_clip(rng, c, s, d)
+            if "blur" in mode:
+                clip = blur(clip)
+            if "noise" in mode:
+                clip = noisy(clip, rng, 0.1)
+            got = J.judge_all(torch.from_numpy(clip))
+            if (got["color"], got["shape"], got["motion"]) != (c, s, d):
+                wrong.append(((c, s, d), got))
+    assert not wrong, wrong[:5]
+
+
+def test_judges_are_robust_to_heavier_noise():
+    rng = np.random.default_rng(11)
+    hits, n = {"color": 0, "shape": 0, "motion": 0}, 0
+    for c, s, d in W.combinations():
+        clip = noisy(blur(W.random_clip(rng, c, s, d), 1.0), rng, 0.15)
+        got = J.judge_all(clip)
+        n += 1
+        hits["color"] += got["color"] == c
+        hits["shape"] += got["shape"] == s
+        hits["motion"] += got["motion"] == d
+    assert hits["color"] == n and hits["motion"] == n and hits["shape"] >= 0.95 * n, hits
+
+
+def test_judges_api_and_nothing_to_judge():
+    reg = plugins.get_registry()
+    for name, attr in (("toy_color", "color"), ("toy_shape", "shape"), ("toy_motion", "motion")):
+        judge = reg.get("evaluator", name).build({})
+        assert judge.attribute == attr and "none" in judge.labels
+        assert set(judge.labels) - {"none"} == set({"color": W.colors, "shape": W.shapes,
+                                                    "motion": W.directions}[attr])
+        blank = torch.full((W.frames, 3, W.size, W.size), 0.08)
+        assert judge(blank) == "none"
+        assert judge(blank + 0.02 * torch.randn(blank.shape, generator=torch.Generator().manual_seed(0))) == "none"
+    gray = W.render("red", "square", "left")
+    gray[:] = gray.mean(1, keepdims=True)  # an object without colour
+    assert J.ColorJudge()(gray) == "none" and J.ShapeJudge()(gray) == "square"
+    still = np.repeat(W.render("blue", "circle", "up")[:1], W.frames, axis=0)
+    assert J.MotionJudge()(still) == "none"
+    with pytest.raises(ValueError):
+        J.ColorJudge()(np.zeros((4, 32, 32)))
+
+
+# -- building the base ------------------------------------------------------------------
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_toy_build_is_deterministic(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from t2vu.toy import plugin
+
+    cli = typer.Typer()
+
+    @cli.callback()
+    def _root():
+        pass
+
+    plugin.register_commands(cli)
+    runner = CliRunner()
+    outs = []
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        r = runner.invoke(cli, ["toy", "build", "--out", str(tmp_path / name), "--steps", "3",
+                                "--seed", str(seed)])
+        assert r.exit_code == 0, r.output
+        outs.append(_weights(tmp_path / name))
+    a, b, c = outs
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    for sub in ("world.json", "model_index.json", "tokenizer", "text_encoder", "scheduler"):
+        assert (tmp_path / "a" / sub).exists()
+
+
+# -- the shipped base ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def base():
+    plugins.reset()
+    backbone = plugins.get_registry().get("backbone", "toy").build({})
+    backbone.load("cpu")
+    return backbone
+
+
+def test_toy_backbone_folder_errors(tmp_path):
+    from t2vu.core.errors import T2VUError
+
+    comp = plugins.get_registry().get("backbone", "toy")
+    with pytest.raises(T2VUError, match="t2vu toy build"):
+        comp.build({"model_path": str(tmp_path / "nope")})
+    with pytest.raises(T2VUError, match="not a toy-world model folder"):
+        comp.build({"model_path": str(tmp_path)})
+
+
+def test_shipped_base_loads_through_the_toy_backbone(base):
+    from t2vu.toy.model import BASE_PATH, sample
+
+    assert base.path == BASE_PATH and base.world == W
+    assert base.latent_shape(4, 32, 32) == (4, 3, 32, 32)
+    assert len(base.sites()) == base.config["num_layers"]
+    emb = base.encode_prompts(["a red circle moving left", ""])
+    assert emb[""].shape == (base.config["max_text_seq_length"], base.config["text_embed_dim"])
+    video = sample(base, ["a red circle moving left", "a blue square moving up"], [0, 1], steps=4)
+    assert video.shape == (2, 4, 3, 32, 32) and 0 <= video.min() and video.max() <= 1
+    again = sample(base, ["a red circle moving left"], [0], steps=4)
+    assert torch.allclose(video[:1], again, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def held_out_accuracy(base):
+    """Two fixed seeds for each of the 12 held-out triples (24 clips; DDIM 25 steps, CFG 5).
+
+    The full benchmark (benchmarks/toy_base.py, 8 seeds each) is the reference;
+    this is its small, deterministic slice (same seeds, same clips every run).
+    """
+    from t2vu.toy.model import sample
+
+    prompts, truths, seeds = [], [], []
+    for (prompt, truth), seed in itertools.product(W.held_out_prompts(), (1000, 1001)):
+        prompts.append(prompt)
+        truths.append(truth)
+        seeds.append(seed)
+    return J.accuracy(sample(base, prompts, seeds), truths)
+
+
+def test_shipped_base_draws_held_out_colours_and_motions(held_out_accuracy):
+    acc = held_out_accuracy
+    assert acc["color"] >= 0.95 and acc["motion"] >= 0.90, acc
+    assert acc["shape"] >= 0.60, acc  # regression guard: the target (0.80) is not met yet, see below
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: the shipped base often draws squares with rounded "
+                   "corners, which the shape judge calls circles; held-out shape accuracy 0.77 < 0.80 "
+                   "(benchmarks/results/toy_base.json, docs/toy-world.md)")
+def test_shipped_base_draws_held_out_shapes(held_out_accuracy):
+    assert held_out_accuracy["shape"] >= 0.80, held_out_accuracy

@@ -1,0 +1,104 @@
+"""Built-in toy-world plugin: the ``toy`` backbone, the three judges, ``t2vu toy``.
+
+Light on purpose (no torch at import): the implementations live in
+:mod:`t2vu.toy.model` and :mod:`t2vu.toy.judges` and load when used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from pydantic import Field
+
+from t2vu.backbones.cogvideox import CogVideoXOptions
+from t2vu.core.hookspecs import hookimpl
+from t2vu.core.registry import Options
+from t2vu.core.spec import ConceptSourceOptions, Dtype, SpecPath
+
+#: The shipped base model folder.
+BASE_PATH = Path(__file__).resolve().parent / "base"
+
+
+class ToyOptions(CogVideoXOptions):
+    """A toy-world model folder (default: the base model shipped with t2vu)."""
+
+    model_path: SpecPath = Field(BASE_PATH, description="Toy model folder (default: the shipped base).")
+    dtype: Dtype = Field("float32", description="Dtype of the frozen base model.")
+
+
+class JudgeOptions(Options):
+    """Deterministic toy-world judge (no options)."""
+
+
+@hookimpl
+def register_backbones(register):
+    register("toy", "t2vu.toy.model:ToyBackbone", options=ToyOptions,
+             summary="Tiny pixel-space CogVideoX trained on the toy world (CPU benchmarks)")
+
+
+@hookimpl
+def register_evaluators(register):
+    register("toy_color", "t2vu.toy.judges:ColorJudge", options=JudgeOptions,
+             summary="Toy world: dominant hue of the moving shape")
+    register("toy_shape", "t2vu.toy.judges:ShapeJudge", options=JudgeOptions,
+             summary="Toy world: circle, square or triangle")
+    register("toy_motion", "t2vu.toy.judges:MotionJudge", options=JudgeOptions,
+             summary="Toy world: direction of the shape centroid's travel")
+
+
+@hookimpl
+def register_commands(cli):
+    import typer
+
+    toy = typer.Typer(help="The toy world: a tiny text-to-video model for CPU benchmarks.",
+                      no_args_is_help=True)
+
+    @toy.command("build", epilog="Example: t2vu toy build --out toy-base --seed 0 --checkpoint-every 1000")
+    def build(
+        out: Path = typer.Option(Path("toy-base"), "--out", help="Folder to write the model to."),
+        steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (default: the shipped recipe's)."),
+        seed: int = typer.Option(0, "--seed", help="Seed of everything (same seed, same weights)."),
+        checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Also save EMA weights every N steps."),
+    ) -> None:
+        """Build and train the toy base model (deterministic; the shipped base is the default recipe)."""
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        from t2vu.toy.model import Recipe, build_base
+
+        recipe = Recipe(seed=seed) if steps is None else Recipe(seed=seed, steps=steps)
+        with Progress(TextColumn("training toy base"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
+                      TimeRemainingColumn()) as bar:
+            task = bar.add_task("train", total=recipe.steps, loss=float("nan"))
+
+            def progress(step: int, total: int, loss: float) -> None:
+                bar.update(task, completed=step, loss=loss)
+
+            build_base(out, recipe=recipe, progress=progress, checkpoint_every=checkpoint_every)
+        typer.echo(f"wrote {out}")
+
+    cli.add_typer(toy, name="toy")
+
+
+class ToyPromptsOptions(Options):
+    """Held-out target, synonym and other-value prompts derived from concept.target."""
+
+
+class ToySiblingsOptions(ConceptSourceOptions):
+    """The other values of the target's attribute (red -> orange, yellow, green, blue, magenta)."""
+
+    captions: bool = Field(False, description="Full captions of every other value's combinations "
+                           "instead of the bare words.")
+
+
+@hookimpl
+def register_prompt_sets(register):
+    register("toy", "t2vu.toy.evaluation:ToyPromptSet", options=ToyPromptsOptions,
+             summary="Toy world eval prompts (target held out, synonyms, other values) and their metrics")
+
+
+@hookimpl
+def register_concept_sources(register):
+    register("toy_siblings", "t2vu.toy.sources:ToySiblings", options=ToySiblingsOptions,
+             summary="Toy world: the other values of the target's attribute")
