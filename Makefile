@@ -23,11 +23,14 @@ $(VENV)/.installed: pyproject.toml tests/plugins/t2vu-example/pyproject.toml
 test: setup
 	$(PY) -m pytest -q
 
+# The Quick start's main job: erase "red" from the shipped toy model, then print the before/after table.
 demo: setup
-	$(VENV)/bin/t2vu run examples/cogvideox-5b-nudity.yaml --dry-run
+	$(VENV)/bin/t2vu run examples/toy-erase-red.yaml --set output.overwrite=true
+	$(VENV)/bin/t2vu eval examples/toy-erase-red.yaml
 
 bench: setup
 	$(PY) benchmarks/cli_startup.py
+	$(PY) benchmarks/toy_erase.py
 
 # Build the wheel, install it into a fresh virtual environment, run the CLI from it.
 check-wheel: setup

@@ -29,6 +29,7 @@ class Prompts:
     target_prompts: list[str]  # after augmentation
     unlearn: list[str]  # the pool the unlearning condition is drawn from
     preserved: list[str]
+    condition: str  # concept / prompts / mix, as applied
 
 
 @dataclass
@@ -62,13 +63,14 @@ def gather_prompts(resolved: ResolvedSpec) -> Prompts:
     else:
         prompts = []
     prompts = augment_prompts(resolved.augment, target, prompts) if resolved.augment else prompts
-    if concept.condition in ("prompts", "mix") and not prompts:
-        raise T2VUError(f"concept.condition is {concept.condition!r} but concept.prompts gives no prompts")
-    unlearn = {"concept": [target], "prompts": prompts, "mix": [target] + prompts}[concept.condition]
+    if concept.condition == "prompts" and not prompts:
+        raise T2VUError("concept.condition is 'prompts' but concept.prompts gives no prompts")
+    condition = "concept" if concept.condition == "mix" and not prompts else concept.condition
+    unlearn = {"concept": [target], "prompts": prompts, "mix": [target] + prompts}[condition]
     preserved = collect_preserved(resolved.preserved, target) if resolved.preserved else []
     if any(getattr(loss.options, "requires_preserved", False) for loss in resolved.losses) and not preserved:
         raise T2VUError("the preserved sources yielded no concepts, but a loss term needs them")
-    return Prompts(target, prompts, unlearn, preserved)
+    return Prompts(target, prompts, unlearn, preserved, condition)
 
 
 def run(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict], None]] = None) -> Path:
@@ -80,6 +82,7 @@ def train(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict
     out = check_output_dir(resolved)
     spec, tr = resolved.spec, resolved.spec.training
     prompts = gather_prompts(resolved)
+    condition = prompts.condition
     backbone = resolved.backbone.build()  # checks the model folder before anything heavy loads
 
     import torch
@@ -126,7 +129,7 @@ def train(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "prompts.json").write_text(json.dumps(
-        {"target": prompts.target, "condition": spec.concept.condition, "unlearn": prompts.unlearn,
+        {"target": prompts.target, "condition": condition, "unlearn": prompts.unlearn,
          "target_prompts": prompts.target_prompts, "preserved": prompts.preserved}, indent=2) + "\n")
     _write_spec(out / "spec.yaml", resolved)
     metrics_file = (out / "metrics.jsonl").open("w")
@@ -139,7 +142,7 @@ def train(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict
             trajectory_prompts = [rng.choice(prompts.target_prompts or prompts.unlearn) for _ in range(b)]
             states = state_source.next(step, trajectory_prompts)
             conds = {UNCOND: [""] * b,
-                     TARGET: [_unlearn_prompt(spec.concept.condition, prompts, s, rng) for s in states.prompts]}
+                     TARGET: [_unlearn_prompt(condition, prompts, s, rng) for s in states.prompts]}
             if prompts.preserved:
                 conds[PRESERVED] = [rng.choice(prompts.preserved) for _ in range(b)]
             ctx = StepContext(backbone, erasers, states.x_t, states.t, conds, embed,

@@ -68,8 +68,8 @@ class ConceptSpec(_Strict):
     prompts: Optional[Union[SpecPath, list[str]]] = Field(
         None, description="Target prompts: a file (one a line, '#' comments) or an inline list.")
     condition: Literal["concept", "prompts", "mix"] = Field(
-        "concept", description="Condition of the unlearning term: the bare concept text, the target "
-        "prompts, or each half the time.")
+        "mix", description="Condition of the unlearning term: the bare concept text, the target "
+        "prompts, or each half the time (mix; the bare concept alone when there are no prompts).")
 
 
 class TrainingSpec(_Strict):

@@ -1,0 +1,128 @@
+"""Toy-world erasure benchmark: train + evaluate erasers on the shipped toy base, on a CPU.
+
+For each concept (red by default, plus other colours / shapes) and each eraser
+seed, runs `examples/toy-erase-red.yaml` with only `concept.target` and
+`concept.prompts` changed, evaluates it, prints a table and writes
+benchmarks/results/toy_erase.json. Targets (issue: toy world):
+
+  target_rate after <= 0.05 (before >= 0.90), synonym_rate after <= 0.10,
+  other/shape/motion accuracy after >= 0.95 x before, other_pixel_change <= 0.03,
+  training + evaluation <= 300 s.
+
+    python benchmarks/toy_erase.py                     # red, blue, green, circle x seeds 0, 1
+    python benchmarks/toy_erase.py --concepts red --seeds 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = ROOT / "examples" / "toy-erase-red.yaml"
+RESULTS = Path(__file__).with_name("results") / "toy_erase.json"
+
+#: concept -> the eraser's training prompts (the eval holds out every other combination)
+CONCEPTS = {
+    "red": ["a red circle moving left", "a red square moving up", "a red triangle moving right"],
+    "blue": ["a blue circle moving left", "a blue square moving up", "a blue triangle moving right"],
+    "green": ["a green circle moving down", "a green square moving right", "a green triangle moving left"],
+    "circle": ["a red circle moving left", "a blue circle moving up", "a yellow circle moving right"],
+}
+
+
+def check(summary: dict, seconds: float) -> dict[str, bool]:
+    s = summary
+    out = {
+        "target_rate_before>=0.90": s["target_rate"]["before"] >= 0.90,
+        "target_rate_after<=0.05": s["target_rate"]["after"] <= 0.05,
+        "other_accuracy>=0.95x": s["other_accuracy"]["after"] >= 0.95 * s["other_accuracy"]["before"],
+        "shape_accuracy>=0.95x": s["shape_accuracy"]["after"] >= 0.95 * s["shape_accuracy"]["before"],
+        "motion_accuracy>=0.95x": s["motion_accuracy"]["after"] >= 0.95 * s["motion_accuracy"]["before"],
+        "other_pixel_change<=0.03": s["other_pixel_change"]["after"] <= 0.03,
+        "seconds<=300": seconds <= 300,
+    }
+    if "synonym_rate" in s:
+        out["synonym_rate_after<=0.10"] = s["synonym_rate"]["after"] <= 0.10
+    return out
+
+
+def run_one(concept: str, seed: int, workdir: Path, extra: list[str]) -> dict:
+    from t2vu.core import plugins
+    from t2vu.core.engine import train
+    from t2vu.core.evaluate import evaluate
+    from t2vu.core.spec import load_spec
+
+    prompts = "[" + ", ".join(CONCEPTS[concept]) + "]"
+    overrides = [f"concept.target={concept}", f"concept.prompts={prompts}", f"training.seed={seed}",
+                 f"output.dir={workdir / f'{concept}-seed{seed}'}", *extra]
+    resolved = load_spec(SPEC, plugins.get_registry(), overrides)
+    start = time.perf_counter()
+    train(resolved)
+    trained = time.perf_counter()
+    report = evaluate(resolved)
+    done = time.perf_counter()
+    return {"concept": concept, "seed": seed, "train_s": round(trained - start, 1),
+            "eval_s": round(done - trained, 1), "total_s": round(done - start, 1), "summary": report["summary"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concepts", nargs="+", default=list(CONCEPTS), choices=list(CONCEPTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="extra spec override")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for concept in args.concepts:
+            for seed in args.seeds:
+                row = run_one(concept, seed, Path(tmp), args.sets)
+                row["checks"] = check(row["summary"], row["total_s"])
+                rows.append(row)
+                print_row(row)
+    print_table(rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "machine": platform.platform(), "cpu_threads": 1, "spec": str(SPEC.relative_to(ROOT)),
+        "overrides": args.sets, "rows": rows,
+        "all_checks_met": all(all(r["checks"].values()) for r in rows)}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0 if all(all(r["checks"].values()) for r in rows) else 1
+
+
+METRICS = ("target_rate", "synonym_rate", "other_accuracy", "shape_accuracy", "motion_accuracy",
+           "other_pixel_change")
+
+
+def print_row(row: dict) -> None:
+    failed = [k for k, ok in row["checks"].items() if not ok]
+    print(f"{row['concept']:>7} seed {row['seed']}: {row['total_s']:.0f} s "
+          f"({'all targets met' if not failed else 'missed: ' + ', '.join(failed)})", flush=True)
+
+
+def print_table(rows: list[dict]) -> None:
+    head = f"{'concept':>7} {'seed':>4} " + " ".join(f"{m:>22}" for m in METRICS) + f" {'train s':>7} {'eval s':>6}"
+    print(head)
+    for r in rows:
+        cells = []
+        for m in METRICS:
+            v = r["summary"].get(m)
+            cells.append(f"{v['before']:.2f} -> {v['after']:.3f}".rjust(22) if v else "—".rjust(22))
+        print(f"{r['concept']:>7} {r['seed']:>4} " + " ".join(cells) + f" {r['train_s']:>7} {r['eval_s']:>6}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

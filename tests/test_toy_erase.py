@@ -1,0 +1,66 @@
+"""The Quick start's toy-world erasure, with a shortened evaluation: red drops, other colours hold."""
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from t2vu.core import plugins
+from t2vu.core.cli import app
+
+torch.set_num_threads(1)
+torch.set_flush_denormal(True)
+runner = CliRunner()
+
+SPEC = "examples/toy-erase-red.yaml"
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    from pathlib import Path
+
+    from t2vu.core.engine import train
+    from t2vu.core.evaluate import evaluate
+    from t2vu.core.spec import load_spec
+
+    out = tmp_path_factory.mktemp("toy") / "red"
+    spec = Path(__file__).resolve().parent.parent / SPEC
+    plugins.reset()
+    resolved = load_spec(spec, plugins.get_registry(), [f"output.dir={out}", "eval.steps=12"])
+    train(resolved)
+    return evaluate(resolved), out
+
+
+def test_short_toy_erasure_erases_red_and_keeps_other_colours(report):
+    rep, out = report
+    s = rep["summary"]
+    assert set(s) == {"target_rate", "synonym_rate", "other_accuracy", "shape_accuracy", "motion_accuracy",
+                      "other_pixel_change"}
+    assert s["target_rate"]["before"] >= 0.9
+    assert s["target_rate"]["after"] <= 0.2
+    assert s["synonym_rate"]["after"] <= 0.5
+    assert s["other_accuracy"]["after"] >= 0.8 * s["other_accuracy"]["before"]
+    assert s["motion_accuracy"]["after"] >= 0.9 * s["motion_accuracy"]["before"]
+    assert s["other_pixel_change"]["before"] == 0.0 and 0 < s["other_pixel_change"]["after"] < 0.1
+    assert (out / "eval" / "report.md").exists() and (out / "eval" / "report.json").exists()
+
+
+def test_eval_prompts_hold_out_the_erasers_training_prompts(report):
+    rep, out = report
+    trained = {"a red circle moving left", "a red square moving up", "a red triangle moving right"}
+    target = [r["prompt"] for r in rep["rows"] if r["group"] == "target"]
+    assert target and not trained & set(target)
+    assert all("red" in p for p in target)
+    synonyms = {r["prompt"].split()[1] for r in rep["rows"] if r["group"] == "synonym"}
+    assert synonyms == {"crimson", "scarlet"}
+    others = {r["expect"]["color"] for r in rep["rows"] if r["group"] == "other"}
+    assert others == {"orange", "yellow", "green", "blue", "magenta"}
+
+
+def test_another_concept_needs_only_target_and_prompts(tmp_path):
+    r = runner.invoke(app, ["run", SPEC, "--dry-run", "--set", "concept.target=circle", "--set",
+                            "concept.prompts=[a blue circle moving up]", "--set", f"output.dir={tmp_path}"])
+    assert r.exit_code == 0, r.output
+    from t2vu.toy.sources import ToySiblings
+
+    assert ToySiblings(plugins.get_registry().get("concept_source", "toy_siblings").options()).concepts("circle") \
+        == ["square", "triangle"]
