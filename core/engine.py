@@ -80,7 +80,7 @@ def run(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict],
 
 def train(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict], None]] = None) -> RunResult:
     out = check_output_dir(resolved)
-    spec, tr = resolved.spec, resolved.spec.training
+    tr = resolved.spec.training
     prompts = gather_prompts(resolved)
     condition = prompts.condition
     backbone = resolved.backbone.build()  # checks the model folder before anything heavy loads

@@ -10,7 +10,7 @@ from t2vu.core.registry import Component
 
 
 def _backbone_lines(component: Component) -> list[str]:
-    lines = [f"backbone:", f"  name: {component.name}"]
+    lines = ["backbone:", f"  name: {component.name}"]
     for name, field in component.options.model_fields.items():
         desc = f"  # {field.description}" if field.description else ""
         if field.default is PydanticUndefined:

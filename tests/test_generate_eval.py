@@ -8,7 +8,6 @@ from typer.testing import CliRunner
 
 from t2vu.core import plugins
 from t2vu.core.cli import app
-from t2vu.core.spec import load_spec
 
 torch.set_num_threads(1)
 runner = CliRunner()

@@ -1,10 +1,6 @@
 """The plugin manager: built-ins, third-party entry points, env vars, failures."""
 
-import json
-import subprocess
 import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 

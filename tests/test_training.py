@@ -1,7 +1,6 @@
 """`t2vu run` end to end on a tiny CogVideoX folder: outputs, determinism, learning, refusals."""
 
 import json
-import textwrap
 
 import pytest
 import torch

@@ -18,11 +18,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-import numpy as np
 import torch
 
 from t2vu.backbones.cogvideox_model import CogVideoXBackbone
 from t2vu.core.errors import T2VUError
+from t2vu.core.sampling import generate
 from t2vu.toy.world import DEFAULT_WORLD, World, from_latent, to_latent
 
 #: The shipped base model folder (inside the package, so the wheel carries it).
@@ -261,39 +261,21 @@ def load_base(path: Optional[Path] = None, dtype: str = "float32") -> ToyBackbon
 
 
 # -- sampling -------------------------------------------------------------------------
-@torch.no_grad()
 def sample(backbone, prompts: Sequence[str], seeds: Sequence[int], steps: int = 25, guidance: float = 5.0,
            batch_size: int = 16, embeds: Optional[dict] = None) -> torch.Tensor:
     """DDIM with classifier-free guidance: videos ``[B, F, 3, H, W]`` in [0, 1].
 
-    Sample ``i`` starts from ``torch.randn`` seeded with ``seeds[i]``, so the
-    result is deterministic given the seeds (and independent of batching up to
-    float rounding). ``embeds`` may hold precomputed prompt embeddings (``""``
-    included); otherwise the prompts are encoded here.
+    Sample ``i`` starts from noise seeded with ``seeds[i]`` (``t2vu.core.sampling``, the
+    sampler ``t2vu eval`` uses), so the result is deterministic given the seeds. ``embeds``
+    may hold precomputed prompt embeddings (``""`` included); otherwise they are encoded here.
     """
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
     frames, height, width = _video_shape(backbone)
-    shape = backbone.latent_shape(frames, height, width)
     if embeds is None or any(p not in embeds for p in [*prompts, ""]):
         embeds = backbone.encode_prompts(list(dict.fromkeys([*prompts, ""])))
-    timesteps = backbone.sampler_timesteps(steps)
-    outs = []
-    for start in range(0, len(prompts), batch_size):
-        ps, ss = prompts[start:start + batch_size], seeds[start:start + batch_size]
-        x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in ss])
-        cond = torch.stack([embeds[p] for p in ps])
-        uncond = embeds[""].unsqueeze(0).expand_as(cond)
-        emb = torch.cat([cond, uncond])
-        n = x.size(0)
-        for i, t in enumerate(timesteps):
-            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else None
-            v = backbone.predict(torch.cat([x, x]), t.repeat(2 * n), emb)
-            v_c, v_u = v[:n], v[n:]
-            v = v_u + guidance * (v_c - v_u)
-            x = backbone.sampler_step(v, t.repeat(n), None if t_prev is None else t_prev.repeat(n), x)
-        outs.append(from_latent(x.float()))
-    return torch.cat(outs)
+    return generate(backbone, embeds, list(prompts), list(seeds), num_frames=frames, height=height, width=width,
+                    steps=steps, guidance=guidance, batch_size=batch_size)
 
 
 def _video_shape(backbone) -> tuple[int, int, int]:
