@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from t2vu.core.errors import T2VUError
-from t2vu.core.spec import ResolvedSpec, read_lines_file
+from t2vu.core.spec import ResolvedSpec
 
 ERASER_FILE = "eraser.safetensors"
 OUTPUTS = (ERASER_FILE, "metrics.jsonl", "spec.yaml", "prompts.json", "checkpoints")
@@ -56,12 +56,7 @@ def gather_prompts(resolved: ResolvedSpec) -> Prompts:
 
     concept = resolved.spec.concept
     target = concept.target.strip()
-    if isinstance(concept.prompts, list):
-        prompts = [p.strip() for p in concept.prompts if p.strip()]
-    elif concept.prompts is not None:
-        prompts = read_lines_file(Path(concept.prompts))
-    else:
-        prompts = []
+    prompts = concept.prompt_list()
     prompts = augment_prompts(resolved.augment, target, prompts) if resolved.augment else prompts
     if concept.condition == "prompts" and not prompts:
         raise T2VUError("concept.condition is 'prompts' but concept.prompts gives no prompts")
@@ -109,8 +104,9 @@ def train(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict
 
     masks = {p: backbone.concept_token_mask(p, prompts.target) for p in dict.fromkeys(prompts.unlearn + prompts.target_prompts)}
 
-    erasers = resolved.eraser.build().build(backbone.sites()).to(device)
-    erasers.attach(backbone.sites())
+    sites = backbone.sites()
+    erasers = resolved.eraser.build().build(sites).to(device)
+    erasers.attach(sites)
     losses = [(r, r.build()) for r in resolved.losses]
     if tr.gradient_checkpointing:
         backbone.enable_gradient_checkpointing()
@@ -188,12 +184,10 @@ def train(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict
 
 
 def _unlearn_prompt(condition: str, prompts: Prompts, trajectory_prompt: str, rng: random.Random) -> str:
-    if condition == "concept":
+    """The bare concept, or a target prompt (the state's own when it came from one)."""
+    if condition == "concept" or (condition == "mix" and rng.random() < 0.5):
         return prompts.target
-    if condition == "prompts":
-        return trajectory_prompt if trajectory_prompt in prompts.target_prompts else rng.choice(prompts.target_prompts)
-    return prompts.target if rng.random() < 0.5 else (
-        trajectory_prompt if trajectory_prompt in prompts.target_prompts else rng.choice(prompts.target_prompts))
+    return trajectory_prompt if trajectory_prompt in prompts.target_prompts else rng.choice(prompts.target_prompts)
 
 
 def _eraser_meta(backbone, prompts: Prompts, resolved: ResolvedSpec, step: int) -> dict[str, Any]:

@@ -72,6 +72,15 @@ class ConceptSpec(_Strict):
         "prompts, or each half the time (mix; the bare concept alone when there are no prompts).")
 
 
+    def prompt_list(self) -> list[str]:
+        """The target prompts: the inline list, or the file's lines ('#' comments dropped)."""
+        if isinstance(self.prompts, list):
+            return [p.strip() for p in self.prompts if p.strip()]
+        if self.prompts is not None:
+            return read_lines_file(Path(self.prompts))
+        return []
+
+
 class TrainingSpec(_Strict):
     steps: int = Field(500, gt=0)
     batch_size: int = Field(1, gt=0)

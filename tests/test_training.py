@@ -1,5 +1,6 @@
 """`t2vu run` end to end on a tiny CogVideoX folder: outputs, determinism, learning, refusals."""
 
+import contextlib
 import json
 
 import pytest
@@ -129,11 +130,10 @@ def _eval_losses(tiny_folder, eraser_path):
 
 
 class _NoErasers:
-    import contextlib
+    """Stands in for an EraserSet when there is no eraser: disabled() changes nothing."""
 
-    @contextlib.contextmanager
     def disabled(self):
-        yield
+        return contextlib.nullcontext()
 
 
 def test_training_moves_target_to_guided_velocity_and_keeps_preserved(tmp_path, tiny_folder):
@@ -174,7 +174,7 @@ def test_frozen_trajectory_teacher_values_are_reused(tmp_path, tiny_folder, monk
 
     train(load_spec(spec, plugins.get_registry()))
     sampler = [c for c in calls if c == (4, False)]  # CFG: uncond + cond for a batch of 2
-    assert 1 <= len(sampler) <= 4  # one trajectory (refresh_every 50), stopped at a random depth <= 4 steps
+    assert len(sampler) in range(1, 5)  # one trajectory (refresh_every 50), stopped at a random depth <= 4 steps
     assert calls.count((2, False)) == 3  # each step's frozen pass: the preserved rows only
     assert calls.count((4, True)) == 3  # each step's erased pass: target + preserved
     assert len(calls) == len(sampler) + 6

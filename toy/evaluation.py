@@ -29,12 +29,7 @@ def _world(resolved):
     from t2vu.toy.world import World
 
     folder = Path(resolved.backbone.options.model_path)
-    world_file = folder / "world.json"
-    if world_file.exists():
-        import json
-
-        return World.from_dict(json.loads(world_file.read_text()))
-    return World()
+    return World.from_folder(folder) if (folder / "world.json").exists() else World()
 
 
 def attribute_of(world, target: str) -> str:
@@ -61,7 +56,7 @@ class ToyPromptSet:
         target = resolved.spec.concept.target.strip().lower()
         attr = attribute_of(world, target)
         self.target, self.attribute = target, attr
-        trained = _training_prompts(resolved)
+        trained = set(resolved.spec.concept.prompt_list())
         seeds = resolved.spec.eval.seeds
         index = {"color": 0, "shape": 1, "motion": 2}[attr]
         rows: list[EvalPrompt] = []
@@ -114,13 +109,3 @@ class ToyPromptSet:
                                          "n": len(others)}
         return summary
 
-
-def _training_prompts(resolved) -> set[str]:
-    from t2vu.core.spec import read_lines_file
-
-    prompts = resolved.spec.concept.prompts
-    if isinstance(prompts, list):
-        return {p.strip() for p in prompts}
-    if prompts is not None:
-        return set(read_lines_file(Path(prompts)))
-    return set()

@@ -158,26 +158,25 @@ def _smooth(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _erode(mask: np.ndarray) -> np.ndarray:
-    """Binary erosion by a 3x3 square (outside the image counts as background)."""
+def _neighbourhood(mask: np.ndarray, combine, start: bool) -> np.ndarray:
+    """Combine each pixel's 3x3 neighbourhood (outside the image counts as background)."""
     p = np.pad(mask, 1)
     h, w = mask.shape
-    out = np.ones_like(mask)
+    out = np.full_like(mask, start)
     for dy in range(3):
         for dx in range(3):
-            out &= p[dy:dy + h, dx:dx + w]
+            out = combine(out, p[dy:dy + h, dx:dx + w])
     return out
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    """Binary erosion by a 3x3 square."""
+    return _neighbourhood(mask, np.logical_and, True)
 
 
 def _dilate(mask: np.ndarray) -> np.ndarray:
     """Binary dilation by a 3x3 square."""
-    p = np.pad(mask, 1)
-    h, w = mask.shape
-    out = np.zeros_like(mask)
-    for dy in range(3):
-        for dx in range(3):
-            out |= p[dy:dy + h, dx:dx + w]
-    return out
+    return _neighbourhood(mask, np.logical_or, False)
 
 
 class ShapeJudge(Judge):

@@ -238,7 +238,7 @@ class ToyBackbone(CogVideoXBackbone):
         super().__init__(options)
         self.vae_scale_spatial = 1
         self.vae_scale_temporal = 1
-        self.world = World.from_dict(json.loads((self.path / "world.json").read_text()))
+        self.world = World.from_folder(self.path)
 
     def video_shape(self) -> tuple[int, int, int]:
         """(frames, height, width) of the world's clips."""

@@ -208,6 +208,13 @@ class World:
         return d
 
     @classmethod
+    def from_folder(cls, folder) -> "World":
+        """The world a toy model folder was trained on (its ``world.json``)."""
+        from pathlib import Path
+
+        return cls.from_dict(json.loads((Path(folder) / "world.json").read_text()))
+
+    @classmethod
     def from_dict(cls, d: dict) -> "World":
         d = {k: v for k, v in d.items() if k != "held_out"}
         return cls(frames=d["frames"], size=d["size"], shape_size=d["shape_size"], speed=d["speed"],
