@@ -113,6 +113,55 @@ def test_judges_are_robust_to_heavier_noise():
     assert hits["color"] == n and hits["motion"] == n and hits["shape"] >= 0.95 * n, hits
 
 
+def clip_of(alpha: np.ndarray, color: str = "green", step: tuple = (0, 0)) -> np.ndarray:
+    """A clip of the 2-D coverage ``alpha`` (placed at the canvas's top-left + 5 px) moving by ``step`` per frame."""
+    a = np.zeros((W.frames, W.size, W.size), np.float32)
+    h, w = alpha.shape
+    for f in range(W.frames):
+        y, x = 5 + step[0] * f, 5 + step[1] * f
+        a[f, y:y + h, x:x + w] = alpha
+    bg = np.asarray(W.background, np.float32)[None, :, None, None]
+    fg = np.asarray(W.colors[color], np.float32)[None, :, None, None]
+    return bg + a[:, None] * (fg - bg)
+
+
+def rounded_square(size: int, radius: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    cy, cx = np.clip(yy, radius, size - radius), np.clip(xx, radius, size - radius)
+    return ((yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2).astype(np.float32)
+
+
+@pytest.mark.parametrize("radius, expected", [(0.0, "square"), (0.1, "square"), (0.2, "square"),
+                                              (0.42, "circle"), (0.5, "circle")])
+def test_shape_judge_rounded_corners(radius, expected):
+    """A square with a corner radius up to a fifth of its side is a square; near a half, a circle."""
+    for size in (12, 18, 22):
+        assert J.ShapeJudge()(clip_of(rounded_square(size, radius * size))) == expected, size
+
+
+@pytest.mark.parametrize("shape", W.shapes)
+def test_shape_judge_sees_past_the_flaws_of_a_models_samples(shape):
+    """What the base's samples look like: a stray column attached to the object, frayed edges, other sizes.
+    Bounding-box features fail here (a stray column made rough squares look like circles)."""
+    judge = J.ShapeJudge()
+    rng = np.random.default_rng(3)
+    for size in (11, 15, 18, 22):
+        m = shape_mask(shape, size)
+        assert judge(noisy(clip_of(m, step=(1, 1)), rng, 0.05)) == shape, ("size", size)
+    m = np.pad(shape_mask(shape, 18), ((0, 0), (0, 3)))
+    rows = slice(4, 14) if shape != "triangle" else slice(12, 18)
+    m[rows, 19] = 1.0  # a one-pixel column beside the object, joined to it by one row
+    m[rows.start, 18] = 1.0
+    assert judge(clip_of(m)) == shape, "stray column"
+    for seed in range(5):
+        r = np.random.default_rng(seed)
+        m = (shape_mask(shape, 18) > 0.5).astype(np.float32)
+        edge = (m > 0) & ~(np.pad(m, 1)[2:, 1:-1] * np.pad(m, 1)[:-2, 1:-1]
+                          * np.pad(m, 1)[1:-1, 2:] * np.pad(m, 1)[1:-1, :-2] > 0)
+        m[edge & (r.random(m.shape) < 0.3)] = 0.0  # chip 30% of the outline
+        assert judge(clip_of(m)) == shape, ("frayed", seed)
+
+
 def test_judges_api_and_nothing_to_judge():
     reg = plugins.get_registry()
     for name, attr in (("toy_color", "color"), ("toy_shape", "shape"), ("toy_motion", "motion")):
@@ -217,14 +266,7 @@ def held_out_accuracy(base):
     return J.accuracy(sample(base, prompts, seeds), truths)
 
 
-def test_shipped_base_draws_held_out_colours_and_motions(held_out_accuracy):
+def test_shipped_base_draws_held_out_combinations(held_out_accuracy):
+    """The issue's targets for the base, on held-out (colour, shape, direction) triples."""
     acc = held_out_accuracy
-    assert acc["color"] >= 0.95 and acc["motion"] >= 0.90, acc
-    assert acc["shape"] >= 0.60, acc  # regression guard: the target (0.80) is not met yet, see below
-
-
-@pytest.mark.xfail(strict=True, reason="known gap: the shipped base often draws squares with rounded "
-                   "corners, which the shape judge calls circles; held-out shape accuracy 0.77 < 0.80 "
-                   "(benchmarks/results/toy_base.json, docs/toy-world.md)")
-def test_shipped_base_draws_held_out_shapes(held_out_accuracy):
-    assert held_out_accuracy["shape"] >= 0.80, held_out_accuracy
+    assert acc["color"] >= 0.95 and acc["motion"] >= 0.90 and acc["shape"] >= 0.80, acc

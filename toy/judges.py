@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from t2vu.toy.world import DEFAULT_WORLD, World
+from t2vu.toy.world import DEFAULT_WORLD, SHAPE_AREA, SHAPE_CENTROID_DEPTH, World, coverage
 
 NONE = "none"
 MIN_STRENGTH = 0.2  # below this the video holds no object (RGB distance from the background)
@@ -158,81 +158,56 @@ def _smooth(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _neighbourhood(mask: np.ndarray, combine, start: bool) -> np.ndarray:
-    """Combine each pixel's 3x3 neighbourhood (outside the image counts as background)."""
-    p = np.pad(mask, 1)
-    h, w = mask.shape
-    out = np.full_like(mask, start)
-    for dy in range(3):
-        for dx in range(3):
-            out = combine(out, p[dy:dy + h, dx:dx + w])
-    return out
-
-
-def _erode(mask: np.ndarray) -> np.ndarray:
-    """Binary erosion by a 3x3 square."""
-    return _neighbourhood(mask, np.logical_and, True)
-
-
-def _dilate(mask: np.ndarray) -> np.ndarray:
-    """Binary dilation by a 3x3 square."""
-    return _neighbourhood(mask, np.logical_or, False)
-
-
 class ShapeJudge(Judge):
-    """Circle, square or triangle from two scale-free features of each frame's blob.
+    """Circle, square or triangle: the world shape whose outline best overlaps each frame's blob.
 
     The blob is re-cut from the object map smoothed by a 3x3 binomial filter
-    (speckle noise would otherwise fray its outline) and opened by a 3x3
-    square (erosion then dilation: thin spurs go, squares keep their corners). ``fill``: area / bounding
-    box area (square ~1, circle ~pi/4, triangle ~1/2); ``drop``: how far the
-    centroid sits below the box centre, in box heights (triangle, apex up:
-    ~1/6; the others 0). The per-frame medians go to the nearest prototype;
-    prototypes are measured on clean renders of the world at construction.
+    (speckle noise would otherwise fray its outline). Each world shape is then
+    drawn with the blob's area and its centroid on the blob's centroid
+    (:func:`~t2vu.toy.world.coverage`, anti-aliased), and scored by its
+    intersection over union with the blob; the per-frame medians pick the
+    shape. Area and centroid barely move when a model's sample has a stray
+    column, a chipped corner or a frayed edge, so a rough square stays a
+    square; features of the bounding box (such as area / box area) do not
+    survive one stray pixel column.
     """
 
     attribute = "shape"
-    DROP_WEIGHT = 2.0
-    opening = True  # a 3x3 opening removes the thin spurs a model's sample often has
 
     def __init__(self, options=None, world: Optional[World] = None):
         super().__init__(options, world)
         self.labels = (*self.world.shapes, NONE)
-        self.prototypes = {}
-        for shape in self.world.shapes:
-            direction = next(iter(self.world.directions))
-            feats = self.measure(segment(self.world.render(next(iter(self.world.colors)), shape, direction)))
-            self.prototypes[shape] = tuple(float(x) for x in feats)
 
-    @staticmethod
-    def features(mask: np.ndarray) -> tuple[float, float]:
-        ys, xs = np.nonzero(mask)
-        top, bottom, left, right = ys.min(), ys.max(), xs.min(), xs.max()
-        h, w = bottom - top + 1, right - left + 1
-        fill = len(ys) / float(h * w)
-        drop = (ys.mean() - (top + bottom) / 2) / h
-        return fill, drop
+    def scores(self, blob: np.ndarray) -> np.ndarray:
+        """IoU of ``blob`` (2-D bool) with each world shape of its area on its centroid."""
+        ys, xs = np.nonzero(blob)
+        area, cy, cx = float(len(ys)), ys.mean() + 0.5, xs.mean() + 0.5  # pixel centres
+        b = blob.astype(np.float32)
+        out = []
+        for shape in self.world.shapes:
+            size = np.sqrt(area / SHAPE_AREA[shape])
+            t = coverage(shape, size, cy - SHAPE_CENTROID_DEPTH[shape] * size, cx - size / 2, *blob.shape,
+                         supersample=4)
+            out.append(np.minimum(b, t).sum() / np.maximum(b, t).sum())
+        return np.asarray(out)
 
     def measure(self, seg: Segmentation) -> Optional[np.ndarray]:
-        """Median (fill, drop) over the frames with an object (None: no object)."""
+        """Median per-shape IoU over the frames with an object (None: no object)."""
         if not seg.found.any():
             return None
         smooth = _smooth(seg.strength)
-        feats = []
+        per_frame = []
         for f in np.nonzero(seg.found)[0]:
             blob = _largest_blob(smooth[f] > 0.5 * seg.peak)
-            opened = _largest_blob(_dilate(_erode(blob))) if self.opening else blob
-            if opened.sum() >= 4:
-                feats.append(self.features(opened))
-        return np.median(np.asarray(feats), axis=0) if feats else None
+            if blob.sum() >= 4:
+                per_frame.append(self.scores(blob))
+        return np.median(np.asarray(per_frame), axis=0) if per_frame else None
 
     def judge_segmentation(self, seg: Segmentation) -> str:
-        feats = self.measure(seg)
-        if feats is None:
+        scores = self.measure(seg)
+        if scores is None:
             return NONE
-        fill, drop = feats
-        return min(self.prototypes, key=lambda k: (fill - self.prototypes[k][0]) ** 2
-                   + (self.DROP_WEIGHT * (drop - self.prototypes[k][1])) ** 2)
+        return tuple(self.world.shapes)[int(np.argmax(scores))]
 
 
 class MotionJudge(Judge):
@@ -278,7 +253,7 @@ JUDGES = {"color": ColorJudge, "shape": ShapeJudge, "motion": MotionJudge}
 
 @lru_cache(maxsize=8)
 def judges_for(world: World) -> dict[str, Judge]:
-    """One judge of each attribute for ``world`` (cached: the shape judge renders its prototypes)."""
+    """One judge of each attribute for ``world`` (cached)."""
     return {attr: cls(world=world) for attr, cls in JUDGES.items()}
 
 

@@ -225,27 +225,44 @@ class World:
                    background=tuple(d["background"]))
 
 
+#: Area of each shape as a share of its ``L x L`` box, and its centroid's depth below the box top
+#: in box heights (the apex-up triangle's centroid sits two thirds of the way down).
+SHAPE_AREA = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}
+SHAPE_CENTROID_DEPTH = {"square": 0.5, "circle": 0.5, "triangle": 2 / 3}
+
+
+def inside_shape(shape: str, u: np.ndarray, v: np.ndarray, size: float) -> np.ndarray:
+    """Whether the points ``(u, v)`` (rows, columns from the box's top-left corner) lie in ``shape``.
+
+    circle: a disc of diameter ``size``; square: the whole ``size x size`` box;
+    triangle: apex at the top centre, base along the bottom edge.
+    """
+    in_box = (u >= 0) & (u <= size) & (v >= 0) & (v <= size)
+    if shape == "square":
+        return in_box
+    if shape == "circle":
+        r = size / 2
+        return (u - r) ** 2 + (v - r) ** 2 <= r * r
+    if shape == "triangle":
+        return in_box & (np.abs(v - size / 2) <= u / 2)  # half width grows from 0 (apex) to size/2 (base)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def coverage(shape: str, size: float, top: float, left: float, height: int, width: int,
+             supersample: int = 8) -> np.ndarray:
+    """Anti-aliased coverage ``[height, width]`` in [0, 1] of ``shape`` (box side ``size``, box
+    corner at ``(top, left)`` in pixel units, fractional allowed) on a ``height x width`` grid."""
+    rows = (np.arange(height * supersample) + 0.5) / supersample - top
+    cols = (np.arange(width * supersample) + 0.5) / supersample - left
+    u, v = np.meshgrid(rows, cols, indexing="ij")
+    inside = inside_shape(shape, u, v, size)
+    return inside.reshape(height, supersample, width, supersample).mean(axis=(1, 3)).astype(np.float32)
+
+
 @lru_cache(maxsize=None)
 def shape_mask(shape: str, size: int, supersample: int = 8) -> np.ndarray:
-    """Anti-aliased coverage ``[size, size]`` in [0, 1] of a shape filling its box.
-
-    circle: a disc of diameter ``size``; square: the whole box; triangle: apex
-    at the top centre, base along the bottom edge.
-    """
-    n = size * supersample
-    c = (np.arange(n) + 0.5) / supersample  # sub-pixel centres in pixel units
-    yy, xx = np.meshgrid(c, c, indexing="ij")
-    if shape == "square":
-        inside = np.ones((n, n), bool)
-    elif shape == "circle":
-        r = size / 2
-        inside = (xx - r) ** 2 + (yy - r) ** 2 <= r * r
-    elif shape == "triangle":
-        half_width = yy / size * (size / 2)  # 0 at the apex, size/2 at the base
-        inside = np.abs(xx - size / 2) <= half_width
-    else:
-        raise ValueError(f"unknown shape {shape!r}")
-    m = inside.reshape(size, supersample, size, supersample).mean(axis=(1, 3)).astype(np.float32)
+    """Anti-aliased coverage ``[size, size]`` in [0, 1] of a shape filling its box (see :func:`inside_shape`)."""
+    m = coverage(shape, size, 0.0, 0.0, size, size, supersample)
     m.setflags(write=False)
     return m
 
