@@ -34,6 +34,8 @@ CONCEPTS = {
     "blue": ["a blue circle moving left", "a blue square moving up", "a blue triangle moving right"],
     "green": ["a green circle moving down", "a green square moving right", "a green triangle moving left"],
     "circle": ["a red circle moving left", "a blue circle moving up", "a yellow circle moving right"],
+    "square": ["a red square moving left", "a blue square moving up", "a yellow square moving right"],
+    "triangle": ["a red triangle moving left", "a blue triangle moving up", "a yellow triangle moving right"],
 }
 
 

@@ -64,3 +64,26 @@ def test_another_concept_needs_only_target_and_prompts(tmp_path):
 
     assert ToySiblings(plugins.get_registry().get("concept_source", "toy_siblings").options()).concepts("circle") \
         == ["square", "triangle"]
+
+
+def test_shape_target_metrics_do_not_count_erasing_as_shape_damage():
+    """Erasing "triangle": target prompts that turn into circles lower target_rate, not shape_accuracy."""
+    from t2vu.core.evaluate import EvalPrompt, EvalResult
+    from t2vu.toy.evaluation import ToyPromptSet
+
+    def result(group, shape, after_shape, motion="left", after_motion="left"):
+        expect = {"color": "red", "shape": shape, "motion": motion}
+        before = dict(expect)
+        after = {"color": "red", "shape": after_shape, "motion": after_motion}
+        return EvalResult(EvalPrompt(f"a red {shape} moving {motion}", 0, group, expect), before, after, 0.01)
+
+    ps = ToyPromptSet(None)
+    ps.target, ps.attribute = "triangle", "shape"
+    rs = [result("target", "triangle", "circle"), result("target", "triangle", "triangle", after_motion="up"),
+          result("other", "circle", "circle"), result("other", "square", "circle")]
+    s = ps.summarize(rs)
+    assert s["target_rate"] == {"before": 1.0, "after": 0.5, "n": 2}
+    assert s["other_accuracy"] == {"before": 1.0, "after": 0.5, "n": 2}
+    assert s["shape_accuracy"] == s["other_accuracy"]  # the other shapes' prompts only
+    assert s["motion_accuracy"] == {"before": 1.0, "after": 0.75, "n": 4}  # every prompt
+    assert "synonym_rate" not in s and s["other_pixel_change"]["after"] == pytest.approx(0.01)

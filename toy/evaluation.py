@@ -11,7 +11,9 @@ the world) and the eraser's training prompts:
 
 Summary metrics (``before`` without the eraser, ``after`` with it, same noise):
 ``target_rate``, ``synonym_rate``, ``other_accuracy``, ``shape_accuracy``,
-``motion_accuracy`` and ``other_pixel_change``.
+``motion_accuracy`` and ``other_pixel_change``. ``shape_accuracy`` and
+``motion_accuracy`` are over every eval prompt, except the erased attribute's own
+accuracy, which is over the ``other`` prompts only (erasing a shape is not shape damage).
 """
 
 from __future__ import annotations
@@ -102,8 +104,11 @@ class ToyPromptSet:
             summary["synonym_rate"] = metric(groups["synonym"], is_target)
         summary["other_accuracy"] = metric(groups["other"], lambda labels, r: labels.get(attr) == r.item.expect[attr])
         for name in ("shape", "motion"):
-            if any(name in r.before for r in results):
-                summary[f"{name}_accuracy"] = metric(results, lambda labels, r, n=name: labels.get(n) == r.item.expect[n])
+            # Over all eval prompts; for the erased attribute itself only over the other values'
+            # prompts (a target prompt judged by its prompt's shape would count erasing as damage).
+            rs = groups["other"] if name == attr else results
+            if any(name in r.before for r in rs):
+                summary[f"{name}_accuracy"] = metric(rs, lambda labels, r, n=name: labels.get(n) == r.item.expect[n])
         others = groups["other"]
         summary["other_pixel_change"] = {"before": 0.0, "after": sum(r.pixel_change for r in others) / len(others),
                                          "n": len(others)}
