@@ -4,7 +4,9 @@ Loss terms ask for what they need (``needs()``) and then read it
 (``ctx.frozen(cond)``, ``ctx.erased(cond)``, ...). The context runs at most
 one no-grad frozen forward (erasers off) over every frozen condition still
 missing, stacked into one batch, and one erased forward (with grad) over every
-erased condition. A prediction two terms share is computed once.
+erased condition. A prediction two terms share is computed once, and so is one
+of two conditions with the same prompts (``ANCHOR`` is ``UNCOND`` unless the
+spec sets ``concept.anchor``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import torch
 UNCOND = "uncond"  # the empty prompt
 TARGET = "target"  # the unlearning condition of this step (concept text and/or target prompts)
 PRESERVED = "preserved"  # a preserved concept, sampled per step
+ANCHOR = "anchor"  # what the unlearning term guides away from: the empty prompt or the TARGET prompts with
+# the concept replaced (concept.anchor)
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,10 @@ class StepContext:
         self.backbone, self.erasers = backbone, erasers
         self.x_t, self.t = x_t, t
         self.conds = conds
+        first: dict[tuple, str] = {}  # a condition whose prompts equal an earlier one's is an alias of it
+        self._canonical = {c: first.setdefault(tuple(ps), c) for c, ps in conds.items()}
+        if ANCHOR not in conds and UNCOND in conds:
+            self._canonical[ANCHOR] = self._canonical[UNCOND]
         self.embed = embed
         self.token_masks = token_masks or {}
         self._frozen: dict[str, torch.Tensor] = {}
@@ -48,12 +56,14 @@ class StepContext:
     # -- what loss terms call ----------------------------------------------------
     def frozen(self, cond: str) -> torch.Tensor:
         """``v*(x_t, cond)``: the frozen model's prediction (no grad)."""
+        cond = self._canonical.get(cond, cond)
         if cond not in self._frozen:
             self.prefetch([Need("frozen", cond)])
         return self._frozen[cond]
 
     def erased(self, cond: str) -> torch.Tensor:
         """``v'(x_t, cond)``: the prediction with erasers on (differentiable)."""
+        cond = self._canonical.get(cond, cond)
         if cond not in self._erased:
             self.prefetch([Need("erased", cond)])
         return self._erased[cond]
@@ -61,6 +71,7 @@ class StepContext:
     def attention(self, cond: str, layers: Optional[Iterable[int]] = None) -> torch.Tensor:
         """Frozen video->concept attention ``[B, frames, tokens_per_frame]``, averaged over ``layers``."""
         key = tuple(layers) if layers is not None else None
+        cond = self._canonical.get(cond, cond)
         if cond not in self._attention or (key and not set(key) <= set(self._attention[cond])):
             self.prefetch([Need("attention", cond, key)])
         maps = self._attention[cond]
@@ -69,18 +80,19 @@ class StepContext:
 
     def eraser_outputs(self, cond: str) -> dict[str, torch.Tensor]:
         """Each eraser's output ``[B, N_video, dim]`` in the erased forward of ``cond``."""
+        cond = self._canonical.get(cond, cond)
         if cond not in self._outputs:
             self.prefetch([Need("eraser_outputs", cond)])
         return self._outputs[cond]
 
     def seed_frozen(self, cond: str, value: torch.Tensor) -> None:
         """Provide a frozen prediction computed elsewhere (a sampler's CFG pass)."""
-        self._frozen[cond] = value
+        self._frozen[self._canonical.get(cond, cond)] = value
 
     # -- batching -------------------------------------------------------------------
     def prefetch(self, needs: Iterable[Need]) -> None:
         """Compute everything in ``needs`` not yet memoised: one frozen and one erased forward at most."""
-        needs = list(needs)
+        needs = [Need(n.kind, self._canonical.get(n.cond, n.cond), n.layers) for n in needs]
         attention_conds: dict[str, Optional[set]] = {}
         for n in needs:
             if n.kind == "attention":

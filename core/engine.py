@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ class Prompts:
     unlearn: list[str]  # the pool the unlearning condition is drawn from
     preserved: list[str]
     condition: str  # concept / prompts / mix, as applied
+    anchors: dict[str, str] = field(default_factory=dict)  # unlearning prompt -> its anchor ("" by default)
 
 
 @dataclass
@@ -65,7 +67,21 @@ def gather_prompts(resolved: ResolvedSpec) -> Prompts:
     preserved = collect_preserved(resolved.preserved, target) if resolved.preserved else []
     if any(getattr(loss.options, "requires_preserved", False) for loss in resolved.losses) and not preserved:
         raise T2VUError("the preserved sources yielded no concepts, but a loss term needs them")
-    return Prompts(target, prompts, unlearn, preserved, condition)
+    anchors = {p: anchor_prompt(p, target, concept.anchor) for p in dict.fromkeys(unlearn)}
+    missing = [p for p, a in anchors.items() if concept.anchor is not None and a == p]
+    if missing:
+        raise T2VUError(f"concept.anchor replaces {target!r} in every unlearning prompt, but {missing[0]!r} "
+                        f"does not contain it ({len(missing)} such prompt(s)); use prompts that name the concept "
+                        "or leave concept.anchor unset")
+    return Prompts(target, prompts, unlearn, preserved, condition, anchors)
+
+
+def anchor_prompt(prompt: str, target: str, anchor: Optional[str]) -> str:
+    """``prompt`` with every whole-word ``target`` (any case) replaced by ``anchor``; "" when no anchor."""
+    if anchor is None:
+        return ""
+    out = re.sub(rf"(?<!\w){re.escape(target)}(?!\w)", anchor.strip(), prompt, flags=re.IGNORECASE)
+    return " ".join(out.split())
 
 
 def run(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict], None]] = None) -> Path:
@@ -85,7 +101,7 @@ def train(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
-    from t2vu.core.context import PRESERVED, TARGET, UNCOND, StepContext
+    from t2vu.core.context import ANCHOR, PRESERVED, TARGET, UNCOND, StepContext
     from t2vu.core.eraser_io import save_eraser
     from t2vu.core.states import make_states
 
@@ -96,7 +112,7 @@ def train(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict
     backbone.load(device)
 
     # prompts -> embeddings, once; the text encoder leaves memory after this
-    every = [""] + prompts.unlearn + prompts.target_prompts + prompts.preserved
+    every = [""] + prompts.unlearn + prompts.target_prompts + list(prompts.anchors.values()) + prompts.preserved
     embeddings = backbone.encode_prompts(every)
 
     def embed(batch: list[str]) -> torch.Tensor:
@@ -126,7 +142,8 @@ def train(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict
     out.mkdir(parents=True, exist_ok=True)
     (out / "prompts.json").write_text(json.dumps(
         {"target": prompts.target, "condition": condition, "unlearn": prompts.unlearn,
-         "target_prompts": prompts.target_prompts, "preserved": prompts.preserved}, indent=2) + "\n")
+         "target_prompts": prompts.target_prompts, "anchors": prompts.anchors, "preserved": prompts.preserved},
+        indent=2) + "\n")
     _write_spec(out / "spec.yaml", resolved)
     metrics_file = (out / "metrics.jsonl").open("w")
     history: list[dict] = []
@@ -139,6 +156,7 @@ def train(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict
             states = state_source.next(step, trajectory_prompts)
             conds = {UNCOND: [""] * b,
                      TARGET: [_unlearn_prompt(condition, prompts, s, rng) for s in states.prompts]}
+            conds[ANCHOR] = [prompts.anchors[p] for p in conds[TARGET]]
             if prompts.preserved:
                 conds[PRESERVED] = [rng.choice(prompts.preserved) for _ in range(b)]
             ctx = StepContext(backbone, erasers, states.x_t, states.t, conds, embed,

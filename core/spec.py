@@ -70,7 +70,10 @@ class ConceptSpec(_Strict):
     condition: Literal["concept", "prompts", "mix"] = Field(
         "mix", description="Condition of the unlearning term: the bare concept text, the target "
         "prompts, or each half the time (mix; the bare concept alone when there are no prompts).")
-
+    anchor: Optional[str] = Field(
+        None, description="Guide away from the concept relative to the same prompt with the concept "
+        "replaced by this text ('' deletes it), instead of relative to the empty prompt; e.g. 'shape' "
+        "turns 'a red square moving left' into 'a red shape moving left'.")
 
     def prompt_list(self) -> list[str]:
         """The target prompts: the inline list, or the file's lines ('#' comments dropped)."""

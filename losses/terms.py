@@ -11,21 +11,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from t2vu.core.context import PRESERVED, TARGET, UNCOND, Need
+from t2vu.core.context import ANCHOR, PRESERVED, TARGET, Need
 
 
 class NegativeGuidanceLoss:
-    """``||v'(x_t, c) - [v*(x_t, ∅) - eta (v*(x_t, c) - v*(x_t, ∅))]||^2``."""
+    """``||v'(x_t, c) - [v*(x_t, a) - eta (v*(x_t, c) - v*(x_t, a))]||^2``; the anchor ``a`` is the
+    empty prompt ∅, or ``c`` with the concept replaced when the spec sets ``concept.anchor``."""
 
     def __init__(self, options):
         self.options = options
 
     def needs(self) -> list[Need]:
-        return [Need("frozen", UNCOND), Need("frozen", TARGET), Need("erased", TARGET)]
+        return [Need("frozen", ANCHOR), Need("frozen", TARGET), Need("erased", TARGET)]
 
     def target(self, ctx) -> torch.Tensor:
-        uncond, cond = ctx.frozen(UNCOND), ctx.frozen(TARGET)
-        return uncond - self.options.eta * (cond - uncond)
+        anchor, cond = ctx.frozen(ANCHOR), ctx.frozen(TARGET)
+        return anchor - self.options.eta * (cond - anchor)
 
     def __call__(self, ctx) -> torch.Tensor:
         return F.mse_loss(ctx.erased(TARGET), self.target(ctx).detach())

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from t2vu.core import plugins
-from t2vu.core.context import PRESERVED, TARGET, UNCOND, Need, StepContext
+from t2vu.core.context import ANCHOR, PRESERVED, TARGET, UNCOND, Need, StepContext
 from t2vu.core.errors import T2VUError
 from t2vu.losses.terms import LocalizationLoss, NegativeGuidanceLoss, PreservationLoss, concept_mask
 
@@ -127,6 +127,49 @@ def test_negative_guidance_target_formula(loaded):
     loss = NegativeGuidanceLoss(options("negative_guidance", eta=2.0))
     u, c = ctx.frozen(UNCOND), ctx.frozen(TARGET)
     assert torch.allclose(loss.target(ctx), u - 2.0 * (c - u))
+
+
+def test_negative_guidance_with_an_anchor_prompt(loaded):
+    """concept.anchor: guide away from c relative to the anchor prompt, not the empty prompt; a condition
+    whose prompts equal another's (the default anchor is the empty prompt) costs no extra rows."""
+    backbone, erasers, emb = loaded
+    emb = {**emb, **backbone.encode_prompts(["a person on a beach"])}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((2, *backbone.latent_shape(9, 32, 32)), generator=g)
+    t = torch.tensor([700, 300])
+    embed = lambda ps: torch.stack([emb[p] for p in ps])  # noqa: E731
+    loss = NegativeGuidanceLoss(options("negative_guidance", eta=2.0))
+    anchored = StepContext(backbone, erasers, x, t, {UNCOND: [""] * 2, TARGET: ["nudity"] * 2,
+                                                     ANCHOR: ["a person on a beach"] * 2}, embed)
+    a, c = anchored.frozen(ANCHOR), anchored.frozen(TARGET)
+    assert not torch.allclose(a, anchored.frozen(UNCOND))
+    assert torch.allclose(loss.target(anchored), a - 2.0 * (c - a))
+    rows = []
+    original = backbone.transformer.forward
+
+    def counting(*args, **kwargs):
+        rows.append(kwargs["hidden_states"].shape[0])
+        return original(*args, **kwargs)
+
+    backbone.transformer.forward = counting
+    try:
+        default = StepContext(backbone, erasers, x, t, {UNCOND: [""] * 2, TARGET: ["nudity"] * 2,
+                                                        ANCHOR: [""] * 2}, embed)
+        default.prefetch([*loss.needs(), Need("frozen", UNCOND)])
+    finally:
+        del backbone.transformer.forward
+    assert rows == [4, 2]  # frozen: uncond (= anchor) + target, once each; erased: target
+    assert default.frozen(ANCHOR) is default.frozen(UNCOND)
+
+
+def test_anchor_prompt_replaces_the_concept_word():
+    from t2vu.core.engine import anchor_prompt
+
+    assert anchor_prompt("a red square moving left", "square", "shape") == "a red shape moving left"
+    assert anchor_prompt("a red square moving left", "red", "") == "a square moving left"
+    assert anchor_prompt("Squares and a Square", "square", "shape") == "Squares and a shape"  # whole words
+    assert anchor_prompt("a nude person", "nude", None) == ""  # no anchor: the empty prompt
+    assert anchor_prompt("square", "square", "shape") == "shape"
 
 
 def _explicit_concept_attention(backbone, x, t, e, token_mask):

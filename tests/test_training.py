@@ -47,6 +47,20 @@ def write(tmp_path, tiny_folder, out="run", steps=6, lr=1e-3, states="noise", co
     return path
 
 
+def test_anchor_prompts_are_recorded_and_checked(tmp_path, tiny_folder):
+    spec = write(tmp_path, tiny_folder, steps=2, condition="concept")
+    r = runner.invoke(app, ["run", str(spec), "--set", "concept.anchor=clothing"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "run" / "prompts.json").read_text())["anchors"]["nudity"] == "clothing"
+    # the target prompts do not contain the word "nudity": an anchor cannot be formed from them
+    bad = write(tmp_path, tiny_folder, out="bad", steps=2, condition="mix")
+    r = runner.invoke(app, ["run", str(bad), "--set", "concept.anchor=clothing"])
+    assert r.exit_code != 0 and "does not contain it" in r.output and not (tmp_path / "bad").exists()
+    plain = write(tmp_path, tiny_folder, out="plain", steps=2, condition="mix")
+    assert runner.invoke(app, ["run", str(plain)]).exit_code == 0
+    assert set(json.loads((tmp_path / "plain" / "prompts.json").read_text())["anchors"].values()) == {""}
+
+
 def test_run_writes_a_loadable_eraser_and_refuses_to_overwrite(tmp_path, tiny_folder):
     spec = write(tmp_path, tiny_folder, steps=4, ckpt=2)
     r = runner.invoke(app, ["run", str(spec)])
