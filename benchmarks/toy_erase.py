@@ -9,7 +9,7 @@ benchmarks/results/toy_erase.json. Targets (issue: toy world):
   other/shape/motion accuracy after >= 0.95 x before, other_pixel_change <= 0.03,
   training + evaluation <= 300 s.
 
-    python benchmarks/toy_erase.py                     # red, blue, green, circle x seeds 0, 1
+    python benchmarks/toy_erase.py                     # red, blue, green, square, triangle, circle x seeds 0, 1
     python benchmarks/toy_erase.py --concepts red --seeds 0
 """
 
@@ -33,9 +33,10 @@ CONCEPTS = {
     "red": ["a red circle moving left", "a red square moving up", "a red triangle moving right"],
     "blue": ["a blue circle moving left", "a blue square moving up", "a blue triangle moving right"],
     "green": ["a green circle moving down", "a green square moving right", "a green triangle moving left"],
-    "circle": ["a red circle moving left", "a blue circle moving up", "a yellow circle moving right"],
-    "square": ["a red square moving left", "a blue square moving up", "a yellow square moving right"],
-    "triangle": ["a red triangle moving left", "a blue triangle moving up", "a yellow triangle moving right"],
+    # a shape's prompts: one per colour, so the eval holds out 18 of the 24 combinations
+    **{shape: [f"a {c} {shape} moving {d}" for c, d in zip(
+        ("red", "orange", "yellow", "green", "blue", "magenta"), ("left", "up", "right", "down", "left", "up"))]
+       for shape in ("square", "triangle", "circle")},
 }
 
 
