@@ -53,17 +53,21 @@ class StepContext:
         self._attention: dict[str, dict[int, torch.Tensor]] = {}
         self._outputs: dict[str, dict[str, torch.Tensor]] = {}
 
+    def _key(self, cond: str) -> str:
+        """The condition whose predictions ``cond`` shares (itself unless its prompts repeat another's)."""
+        return self._canonical.get(cond, cond)
+
     # -- what loss terms call ----------------------------------------------------
     def frozen(self, cond: str) -> torch.Tensor:
         """``v*(x_t, cond)``: the frozen model's prediction (no grad)."""
-        cond = self._canonical.get(cond, cond)
+        cond = self._key(cond)
         if cond not in self._frozen:
             self.prefetch([Need("frozen", cond)])
         return self._frozen[cond]
 
     def erased(self, cond: str) -> torch.Tensor:
         """``v'(x_t, cond)``: the prediction with erasers on (differentiable)."""
-        cond = self._canonical.get(cond, cond)
+        cond = self._key(cond)
         if cond not in self._erased:
             self.prefetch([Need("erased", cond)])
         return self._erased[cond]
@@ -71,7 +75,7 @@ class StepContext:
     def attention(self, cond: str, layers: Optional[Iterable[int]] = None) -> torch.Tensor:
         """Frozen video->concept attention ``[B, frames, tokens_per_frame]``, averaged over ``layers``."""
         key = tuple(layers) if layers is not None else None
-        cond = self._canonical.get(cond, cond)
+        cond = self._key(cond)
         if cond not in self._attention or (key and not set(key) <= set(self._attention[cond])):
             self.prefetch([Need("attention", cond, key)])
         maps = self._attention[cond]
@@ -80,19 +84,19 @@ class StepContext:
 
     def eraser_outputs(self, cond: str) -> dict[str, torch.Tensor]:
         """Each eraser's output ``[B, N_video, dim]`` in the erased forward of ``cond``."""
-        cond = self._canonical.get(cond, cond)
+        cond = self._key(cond)
         if cond not in self._outputs:
             self.prefetch([Need("eraser_outputs", cond)])
         return self._outputs[cond]
 
     def seed_frozen(self, cond: str, value: torch.Tensor) -> None:
         """Provide a frozen prediction computed elsewhere (a sampler's CFG pass)."""
-        self._frozen[self._canonical.get(cond, cond)] = value
+        self._frozen[self._key(cond)] = value
 
     # -- batching -------------------------------------------------------------------
     def prefetch(self, needs: Iterable[Need]) -> None:
         """Compute everything in ``needs`` not yet memoised: one frozen and one erased forward at most."""
-        needs = [Need(n.kind, self._canonical.get(n.cond, n.cond), n.layers) for n in needs]
+        needs = [Need(n.kind, self._key(n.cond), n.layers) for n in needs]
         attention_conds: dict[str, Optional[set]] = {}
         for n in needs:
             if n.kind == "attention":

@@ -68,7 +68,7 @@ def gather_prompts(resolved: ResolvedSpec) -> Prompts:
     if any(getattr(loss.options, "requires_preserved", False) for loss in resolved.losses) and not preserved:
         raise T2VUError("the preserved sources yielded no concepts, but a loss term needs them")
     anchors = {p: anchor_prompt(p, target, concept.anchor) for p in dict.fromkeys(unlearn)}
-    missing = [p for p, a in anchors.items() if concept.anchor is not None and a == p]
+    missing = [p for p, a in anchors.items() if a == p] if concept.anchor is not None else []
     if missing:
         raise T2VUError(f"concept.anchor replaces {target!r} in every unlearning prompt, but {missing[0]!r} "
                         f"does not contain it ({len(missing)} such prompt(s)); use prompts that name the concept "
