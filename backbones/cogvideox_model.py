@@ -17,15 +17,19 @@ from t2vu.plugins.adapter_model import Site
 
 
 def transformer_sites(transformer: nn.Module) -> list[Site]:
-    """Eraser sites of a CogVideoX transformer: every block's ``attn1`` (video output).
+    """Eraser sites of a CogVideoX transformer, per block: ``attn1``'s video output (stream ``video``,
+    named ``transformer_blocks.<i>.attn1``) and the text tokens ``attn1`` is called with (stream
+    ``text``, named ``transformer_blocks.<i>.attn1.text``).
 
-    The width comes from the loaded module (``to_out`` of each attention), never a constant.
+    The width comes from the loaded module (``to_out`` / ``to_k`` of each attention), never a constant.
     """
     sites = []
     for i, block in enumerate(transformer.transformer_blocks):
         attn = block.attn1
-        dim = attn.to_out[0].out_features
-        sites.append(Site(name=f"transformer_blocks.{i}.attn1", module=attn, dim=dim, block=i))
+        sites.append(Site(name=f"transformer_blocks.{i}.attn1", module=attn, dim=attn.to_out[0].out_features,
+                          block=i))
+        sites.append(Site(name=f"transformer_blocks.{i}.attn1.text", module=attn, dim=attn.to_k.in_features,
+                          block=i, stream="text"))
     return sites
 
 

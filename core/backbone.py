@@ -21,7 +21,8 @@ class BackboneProtocol(Protocol):
         """Load the frozen transformer and scheduler (no VAE, no text encoder yet)."""
 
     def sites(self) -> list:
-        """Eraser attachment sites (``t2vu.plugins.adapter_model.Site``)."""
+        """Eraser attachment sites (``t2vu.plugins.adapter_model.Site``): per block, the attention's video
+        output (``stream="video"``) and, where the model has one, the text it reads (``stream="text"``)."""
 
     def encode_prompts(self, prompts: Sequence[str]) -> dict[str, Any]:
         """Encode each distinct prompt once (``""`` included); then free the text encoder."""

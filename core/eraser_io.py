@@ -717,6 +717,11 @@ def export_upstream(eraser_file: PathLike, out_folder: PathLike, *, overwrite: b
     if meta.get("eraser_type") != "adapter":
         raise T2VUError(f"{eraser_file}: only adapter erasers have an upstream format "
                         f"(this one is {meta.get('eraser_type')!r})")
+    text_sites = [s for s in erasers_file.sites if s.endswith(".text")]
+    if text_sites:
+        raise T2VUError(f"{eraser_file}: {len(text_sites)} site(s) edit the text tokens ({_few(text_sites)}, "
+                        "eraser.streams includes 'text'); upstream T2VUnlearning has only video-output "
+                        "adapters, so this eraser has no upstream format")
     out_folder = Path(out_folder)
     if out_folder.exists() and not out_folder.is_dir():
         raise T2VUError(f"{out_folder} exists and is not a folder")

@@ -1,12 +1,14 @@
 """Built-in eraser plugin: the Receler / T2VUnlearning adapter.
 
 ``Linear(dim -> rank) -> GELU -> Linear(rank -> dim)``, up-projection
-zero-initialised, added to the video-token output of each self-attention.
+zero-initialised, added to the video-token output of each self-attention
+(``streams: [video]``, the default) and/or to the text tokens each
+self-attention reads (``text``).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import Field
 
@@ -20,6 +22,10 @@ class AdapterOptions(Options):
     rank: int = Field(128, gt=0, description="Hidden width of each adapter.")
     blocks: Optional[list[int]] = Field(
         None, description="Indices of the transformer blocks that get an eraser (default: all).")
+    streams: list[Literal["video", "text"]] = Field(
+        ["video"], min_length=1,
+        description="What each block's adapter edits: 'video' (the attention's video output, as in "
+                    "T2VUnlearning) and/or 'text' (the text tokens the attention reads the prompt from).")
 
 
 @hookimpl

@@ -34,22 +34,31 @@ class Adapter(nn.Module):
         return self.up(self.act(self.down(h.to(dtype))))
 
 
+#: Site streams: ``video`` edits the module's first output (the video tokens); ``text`` edits the
+#: text tokens entering the module (its ``encoder_hidden_states``: the keys and values every video
+#: token reads the prompt through).
+STREAMS = ("video", "text")
+
+
 @dataclass
 class Site:
-    """Where an eraser attaches: a module whose first output is ``[B, N_video, dim]``."""
+    """Where an eraser attaches: a module's video output ``[B, N_video, dim]`` (``stream="video"``)
+    or the text tokens ``[B, N_text, dim]`` it is called with (``stream="text"``)."""
 
-    name: str  # e.g. "transformer_blocks.3.attn1"
+    name: str  # e.g. "transformer_blocks.3.attn1" (video) or "transformer_blocks.3.attn1.text"
     module: nn.Module
     dim: int
     block: int
+    stream: str = "video"
 
 
 class EraserSet(nn.Module):
     """All erasers of one backbone, attached by forward hooks.
 
-    The hook replaces the site's video output ``h`` by ``h + scale * eraser(h)``.
-    While :meth:`disabled` is active the hooks return the output untouched, so
-    the transformer computes exactly the stock prediction.
+    A video site's hook replaces the module's video output ``h`` by ``h + scale * eraser(h)``; a
+    text site's pre-hook does the same to the text tokens the module is called with. While
+    :meth:`disabled` is active the hooks change nothing, so the transformer computes exactly the
+    stock prediction.
     """
 
     def __init__(self, erasers: dict[str, nn.Module], eraser_type: str = "adapter",
@@ -75,7 +84,12 @@ class EraserSet(nn.Module):
         if missing:
             raise ValueError(f"eraser sites not in this model: {', '.join(missing[:5])}")
         for name in self.site_names:
-            self._handles.append(by_name[name].module.register_forward_hook(self._hook(name)))
+            site = by_name[name]
+            if site.stream == "text":
+                handle = site.module.register_forward_pre_hook(self._text_hook(name), with_kwargs=True)
+            else:
+                handle = site.module.register_forward_hook(self._hook(name))
+            self._handles.append(handle)
         return self
 
     def detach(self) -> None:
@@ -98,6 +112,22 @@ class EraserSet(nn.Module):
 
         return hook
 
+    def _text_hook(self, name: str):
+        module = self.eraser(name)
+
+        def pre_hook(_module, args, kwargs):
+            if not self.enabled:
+                return None
+            if "encoder_hidden_states" in kwargs:
+                text = kwargs["encoder_hidden_states"]
+                kwargs = {**kwargs, "encoder_hidden_states": text + (self.scale * module(text)).to(text.dtype)}
+            else:  # called positionally: (hidden_states, encoder_hidden_states, ...)
+                text = args[1]
+                args = (args[0], text + (self.scale * module(text)).to(text.dtype), *args[2:])
+            return args, kwargs
+
+        return pre_hook
+
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
         """Switch every eraser off: the model computes the frozen prediction."""
@@ -110,7 +140,8 @@ class EraserSet(nn.Module):
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Keep each eraser's output (``[B, N_video, dim]``) of the next forward."""
+        """Keep each video eraser's output (``[B, N_video, dim]``) of the next forward (text sites are
+        not recorded: their tokens have no place in the video)."""
         self.outputs = {}
         self.record = True
         try:
@@ -140,13 +171,19 @@ class AdapterEraserFactory:
         self.options = options
 
     def build(self, sites: list[Site]) -> EraserSet:
-        chosen = sites
+        streams = set(self.options.streams)
+        missing = streams - {s.stream for s in sites}
+        if missing:
+            raise ValueError(f"eraser.streams: this backbone has no {sorted(missing)} sites "
+                             f"(it has {sorted({s.stream for s in sites})})")
+        chosen = [s for s in sites if s.stream in streams]
         if self.options.blocks is not None:
             wanted = set(self.options.blocks)
-            chosen = [s for s in sites if s.block in wanted]
-            unknown = wanted - {s.block for s in sites}
+            blocks = sorted({s.block for s in sites})
+            chosen = [s for s in chosen if s.block in wanted]
+            unknown = wanted - set(blocks)
             if unknown:
-                raise ValueError(f"eraser.blocks: no block {sorted(unknown)} (the model has {len(sites)} sites)")
+                raise ValueError(f"eraser.blocks: no block {sorted(unknown)} (the model has {len(blocks)} blocks)")
         erasers = {s.name: Adapter(s.dim, self.options.rank) for s in chosen}
         return EraserSet(erasers, self.eraser_type, self.options.model_dump(mode="json"))
 
@@ -158,6 +195,7 @@ class AdapterEraserFactory:
             down = state[f"{name}.down.weight"]
             rank, dim = down.shape
             adapter = Adapter(dim, rank)
-            adapter.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
+            # exact keys: one site's name can prefix another's ("...attn1" and "...attn1.text")
+            adapter.load_state_dict({p: state[f"{name}.{p}"] for p in adapter.state_dict()})
             erasers[name] = adapter
         return EraserSet(erasers, "adapter", options)

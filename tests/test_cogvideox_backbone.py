@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from t2vu.core import plugins
 from t2vu.core.context import ANCHOR, PRESERVED, TARGET, UNCOND, Need, StepContext
@@ -60,7 +61,10 @@ def test_missing_or_wrong_folder_is_a_clear_error(tmp_path):
 def test_config_read_from_folder(loaded):
     backbone, erasers, emb = loaded
     assert backbone.text_length == 16  # max_text_seq_length of the tiny config
-    assert [s.dim for s in backbone.sites()] == [32, 32]  # heads * head_dim of the tiny config
+    # heads * head_dim of the tiny config, per block: the video output and the text tokens of attn1
+    assert [(s.name, s.stream, s.dim) for s in backbone.sites()] == [
+        ("transformer_blocks.0.attn1", "video", 32), ("transformer_blocks.0.attn1.text", "text", 32),
+        ("transformer_blocks.1.attn1", "video", 32), ("transformer_blocks.1.attn1.text", "text", 32)]
     assert emb["nudity"].shape == (16, 16)
     assert backbone.latent_shape(9, 32, 32) == (3, 4, 4, 4)
     assert backbone.token_grid((3, 4, 4, 4)) == (3, 4)
@@ -160,6 +164,31 @@ def test_negative_guidance_with_an_anchor_prompt(loaded):
         del backbone.transformer.forward
     assert rows == [4, 2]  # frozen: uncond (= anchor) + target, once each; erased: target
     assert default.frozen(ANCHOR) is default.frozen(UNCOND)
+
+
+def test_preservation_can_hold_the_unconditional_prediction(loaded):
+    """preservation.unconditional: the empty prompt joins the erased pass and the loss (its frozen rows are
+    shared with the negative-guidance term); without it the erased pass has no uncond rows."""
+    backbone, erasers, emb = loaded
+    plain = PreservationLoss(options("preservation"))
+    held = PreservationLoss(options("preservation", unconditional=True))
+    ctx = make_ctx(backbone, erasers, emb)
+    calls = []
+    original = backbone.transformer.forward
+
+    def counting(*args, **kwargs):
+        calls.append((kwargs["hidden_states"].shape[0], torch.is_grad_enabled()))
+        return original(*args, **kwargs)
+
+    backbone.transformer.forward = counting
+    try:
+        ctx.prefetch([*NegativeGuidanceLoss(options("negative_guidance")).needs(), *held.needs()])
+    finally:
+        del backbone.transformer.forward
+    assert calls == [(6, False), (6, True)]  # frozen: uncond, target, preserved; erased: the same three
+    by_hand = sum(F.mse_loss(ctx.erased(c), ctx.frozen(c)) for c in (PRESERVED, UNCOND))
+    assert torch.allclose(held(ctx), by_hand) and held(ctx) > plain(ctx) > 0
+    assert Need("erased", UNCOND) not in plain.needs()
 
 
 def test_anchor_prompt_replaces_the_concept_word():

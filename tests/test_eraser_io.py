@@ -6,6 +6,7 @@ hooks over the raw upstream tensors), independent of ``Adapter``/``EraserSet``.
 """
 
 import contextlib
+import functools
 import json
 import subprocess
 import sys
@@ -159,7 +160,7 @@ def test_save_read_round_trip(transformer, tmp_path):
     assert meta["backbone_config_hash"] == config_hash(transformer.config)
     assert meta["backbone_config"]["num_layers"] == LAYERS and "_name_or_path" not in meta["backbone_config"]
     assert meta["sites"] == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
-    assert meta["eraser_options"] == {"rank": 4, "blocks": None}
+    assert meta["eraser_options"] == {"rank": 4, "blocks": None, "streams": ["video"]}
     assert meta["target"] == "nudity" and meta["spec"] == spec
     assert meta["steps_done"] == 3 and meta["losses"] == {"total": 0.5}
 
@@ -222,6 +223,53 @@ def test_fresh_eraser_leaves_outputs_unchanged(transformer, tmp_path):
         assert isinstance(handle.erasers, EraserSet) and handle.attached
         assert torch.equal(forward(transformer), stock)
     assert not handle.attached
+
+
+def test_text_stream_erasers_edit_the_text_tokens_attn1_reads(pipe, transformer, tmp_path):
+    """eraser.streams [text]: each block's attn1 is called with text + adapter(text); saved, loaded into a
+    stock pipeline, it gives exactly that; video-only sites are untouched; no upstream format exists."""
+    erasers = fresh_erasers(transformer, randomise=True, streams=["video", "text"])
+    assert erasers.site_names == ["transformer_blocks.0.attn1", "transformer_blocks.0.attn1.text",
+                                  "transformer_blocks.1.attn1", "transformer_blocks.1.attn1.text"]
+    text_only = fresh_erasers(transformer, randomise=True, streams=["text"])
+    path = save_eraser(tmp_path / "text.safetensors", text_only, backbone="cogvideox",
+                       backbone_config=dict(transformer.config), target="nudity")
+    params = {s: {k: v for k, v in text_only.eraser(s).state_dict().items()} for s in text_only.site_names}
+
+    def pre_hook(module, args, kwargs, p):
+        e = kwargs["encoder_hidden_states"]
+        d = F.linear(F.gelu(F.linear(e, p["down.weight"], p["down.bias"])), p["up.weight"], p["up.bias"])
+        return args, {**kwargs, "encoder_hidden_states": e + d}
+
+    stock = forward(transformer)
+    handles = [block.attn1.register_forward_pre_hook(
+        functools.partial(pre_hook, p=params[f"transformer_blocks.{i}.attn1.text"]), with_kwargs=True)
+        for i, block in enumerate(transformer.transformer_blocks)]
+    try:
+        reference = forward(transformer)
+    finally:
+        for h in handles:
+            h.remove()
+    assert (reference - stock).abs().max() > 1e-2
+    with t2vu.load_eraser(pipe, path) as handle:
+        assert handle.erasers.site_names == ["transformer_blocks.0.attn1.text", "transformer_blocks.1.attn1.text"]
+        torch.testing.assert_close(forward(transformer), reference, rtol=1e-5, atol=1e-6)
+        with handle.disabled():
+            assert torch.equal(forward(transformer), stock)
+        with handle.erasers.recording() as outputs:
+            forward(transformer)
+        assert outputs == {}  # text sites have no place in the video: not recorded (localization)
+    assert torch.equal(forward(transformer), stock)
+    assert not any(b.attn1._forward_pre_hooks for b in transformer.transformer_blocks)
+    both = save_eraser(tmp_path / "both.safetensors", erasers, backbone="cogvideox",
+                       backbone_config=dict(transformer.config), target="nudity")
+    with load_eraser(transformer, both) as handle:  # a site's name prefixes its text site's: keys stay apart
+        for site in erasers.site_names:
+            for k, v in erasers.eraser(site).state_dict().items():
+                assert torch.equal(handle.erasers.eraser(site).state_dict()[k], v)
+    with pytest.raises(T2VUError, match="no upstream format"):
+        export_upstream(path, tmp_path / "up")
+    assert not (tmp_path / "up").exists()
 
 
 def test_upstream_import_gives_upstream_outputs(pipe, transformer, tiny_folder, tmp_path):
@@ -314,7 +362,7 @@ def test_mismatched_transformer_is_refused(transformer, tmp_path, tmp_path_facto
     with pytest.raises(T2VUError, match=r"num_layers: eraser 2, model 3") as exc:
         load_eraser(three, path)
     assert "check_config=False" in str(exc.value)
-    assert not any(s.module._forward_hooks for s in transformer_sites(three.transformer))
+    assert not any(s.module._forward_hooks or s.module._forward_pre_hooks for s in transformer_sites(three.transformer))
 
     base = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
     same_width = CogVideoXTransformer3DModel.from_config({**base, "num_attention_heads": 4, "attention_head_dim": 8})

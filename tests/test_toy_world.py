@@ -240,7 +240,7 @@ def test_shipped_base_loads_through_the_toy_backbone(base):
 
     assert base.path == BASE_PATH and base.world == W
     assert base.latent_shape(4, 32, 32) == (4, 3, 32, 32)
-    assert len(base.sites()) == base.config["num_layers"]
+    assert len([s for s in base.sites() if s.stream == "video"]) == base.config["num_layers"]
     emb = base.encode_prompts(["a red circle moving left", ""])
     assert emb[""].shape == (base.config["max_text_seq_length"], base.config["text_embed_dim"])
     video = sample(base, ["a red circle moving left", "a blue square moving up"], [0, 1], steps=4)
