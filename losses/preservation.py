@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from pydantic import Field
+
 from t2vu.core.hookspecs import hookimpl
 from t2vu.core.spec import LossOptions
 
@@ -12,6 +14,10 @@ class PreservationOptions(LossOptions):
     """||v'(x_t, c_p) - v*(x_t, c_p)||^2 over the preserved concepts."""
 
     requires_preserved: ClassVar[bool] = True
+    unconditional: bool = Field(
+        False, description="Also hold the empty prompt's prediction v'(x_t, '') = v*(x_t, ''). Sampling with "
+        "CFG subtracts it, so an eraser that shifts it along with the concept cancels its own edit; this "
+        "matters when the concept is what the model draws unprompted (the toy world's circle).")
 
 
 @hookimpl

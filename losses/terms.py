@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from t2vu.core.context import ANCHOR, PRESERVED, TARGET, Need
+from t2vu.core.context import ANCHOR, PRESERVED, TARGET, UNCOND, Need
 
 
 class NegativeGuidanceLoss:
@@ -33,16 +33,20 @@ class NegativeGuidanceLoss:
 
 
 class PreservationLoss:
-    """``||v'(x_t, c_p) - v*(x_t, c_p)||^2`` for the preserved concept sampled this step."""
+    """``||v'(x_t, c_p) - v*(x_t, c_p)||^2`` for the preserved concept sampled this step, plus the same
+    for the empty prompt ∅ when ``unconditional`` is set."""
 
     def __init__(self, options):
         self.options = options
 
+    def conds(self) -> list[str]:
+        return [PRESERVED, UNCOND] if getattr(self.options, "unconditional", False) else [PRESERVED]
+
     def needs(self) -> list[Need]:
-        return [Need("frozen", PRESERVED), Need("erased", PRESERVED)]
+        return [Need(kind, cond) for cond in self.conds() for kind in ("frozen", "erased")]
 
     def __call__(self, ctx) -> torch.Tensor:
-        return F.mse_loss(ctx.erased(PRESERVED), ctx.frozen(PRESERVED).detach())
+        return sum(F.mse_loss(ctx.erased(c), ctx.frozen(c).detach()) for c in self.conds())
 
 
 def concept_mask(attention: torch.Tensor, threshold: float) -> torch.Tensor:
