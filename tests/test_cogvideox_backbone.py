@@ -1,5 +1,7 @@
 """CogVideoX backbone, erasers on/off, batched step context, attention capture, losses."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,23 @@ def loaded(tiny_folder):
     for p in erasers.parameters():
         torch.nn.init.normal_(p, std=0.2)
     return backbone, erasers, emb
+
+
+@contextlib.contextmanager
+def counted_forwards(backbone):
+    """Record ``(rows, grad enabled)`` of every transformer forward inside the block."""
+    calls = []
+    original = backbone.transformer.forward
+
+    def counting(*args, **kwargs):
+        calls.append((kwargs["hidden_states"].shape[0], torch.is_grad_enabled()))
+        return original(*args, **kwargs)
+
+    backbone.transformer.forward = counting
+    try:
+        yield calls
+    finally:
+        del backbone.transformer.forward
 
 
 def options(name, **kw):
@@ -93,20 +112,10 @@ def test_one_iteration_costs_one_frozen_and_one_erased_forward(loaded):
     losses = [NegativeGuidanceLoss(options("negative_guidance", eta=3.0)),
               PreservationLoss(options("preservation")), LocalizationLoss(options("localization"))]
     ctx = make_ctx(backbone, erasers, emb)
-    calls = []
-    original = backbone.transformer.forward
-
-    def counting(*args, **kwargs):
-        calls.append((kwargs["hidden_states"].shape[0], torch.is_grad_enabled()))
-        return original(*args, **kwargs)
-
-    backbone.transformer.forward = counting
-    try:
+    with counted_forwards(backbone) as calls:
         ctx.prefetch([n for loss in losses for n in loss.needs()])
         values = [loss(ctx) for loss in losses]
         sum(values).backward()
-    finally:
-        del backbone.transformer.forward
     # frozen: uncond + target + preserved stacked (3 x 2 rows, no grad); erased: target + preserved (2 x 2, grad)
     assert calls == [(6, False), (4, True)]
     assert all(torch.isfinite(v) for v in values)
@@ -148,21 +157,11 @@ def test_negative_guidance_with_an_anchor_prompt(loaded):
     a, c = anchored.frozen(ANCHOR), anchored.frozen(TARGET)
     assert not torch.allclose(a, anchored.frozen(UNCOND))
     assert torch.allclose(loss.target(anchored), a - 2.0 * (c - a))
-    rows = []
-    original = backbone.transformer.forward
-
-    def counting(*args, **kwargs):
-        rows.append(kwargs["hidden_states"].shape[0])
-        return original(*args, **kwargs)
-
-    backbone.transformer.forward = counting
-    try:
+    with counted_forwards(backbone) as calls:
         default = StepContext(backbone, erasers, x, t, {UNCOND: [""] * 2, TARGET: ["nudity"] * 2,
                                                         ANCHOR: [""] * 2}, embed)
         default.prefetch([*loss.needs(), Need("frozen", UNCOND)])
-    finally:
-        del backbone.transformer.forward
-    assert rows == [4, 2]  # frozen: uncond (= anchor) + target, once each; erased: target
+    assert [rows for rows, _ in calls] == [4, 2]  # frozen: uncond (= anchor) + target, once each; erased: target
     assert default.frozen(ANCHOR) is default.frozen(UNCOND)
 
 
@@ -173,18 +172,8 @@ def test_preservation_can_hold_the_unconditional_prediction(loaded):
     plain = PreservationLoss(options("preservation"))
     held = PreservationLoss(options("preservation", unconditional=True))
     ctx = make_ctx(backbone, erasers, emb)
-    calls = []
-    original = backbone.transformer.forward
-
-    def counting(*args, **kwargs):
-        calls.append((kwargs["hidden_states"].shape[0], torch.is_grad_enabled()))
-        return original(*args, **kwargs)
-
-    backbone.transformer.forward = counting
-    try:
+    with counted_forwards(backbone) as calls:
         ctx.prefetch([*NegativeGuidanceLoss(options("negative_guidance")).needs(), *held.needs()])
-    finally:
-        del backbone.transformer.forward
     assert calls == [(6, False), (6, True)]  # frozen: uncond, target, preserved; erased: the same three
     by_hand = sum(F.mse_loss(ctx.erased(c), ctx.frozen(c)) for c in (PRESERVED, UNCOND))
     assert torch.allclose(held(ctx), by_hand) and held(ctx) > plain(ctx) > 0

@@ -272,6 +272,20 @@ def test_text_stream_erasers_edit_the_text_tokens_attn1_reads(pipe, transformer,
     assert not (tmp_path / "up").exists()
 
 
+def test_adapter_options_choose_blocks_and_streams(transformer):
+    import pydantic
+
+    sites = transformer_sites(transformer)
+    assert fresh_erasers(transformer, blocks=[1], streams=["text"]).site_names == ["transformer_blocks.1.attn1.text"]
+    with pytest.raises(ValueError, match=r"no block \[5\] \(the model has 2 blocks\)"):
+        AdapterEraserFactory(AdapterOptions(rank=4, blocks=[5])).build(sites)
+    with pytest.raises(ValueError, match=r"no \['text'\] sites"):
+        AdapterEraserFactory(AdapterOptions(rank=4, streams=["text"])).build([s for s in sites if s.stream == "video"])
+    for bad in ([], ["audio"]):
+        with pytest.raises(pydantic.ValidationError):
+            AdapterOptions(rank=4, streams=bad)
+
+
 def test_upstream_import_gives_upstream_outputs(pipe, transformer, tiny_folder, tmp_path):
     weights = upstream_weights()
     folder = write_upstream(tmp_path / "t2vu-erasers" / "nudity", weights)

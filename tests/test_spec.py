@@ -29,7 +29,7 @@ def test_valid_spec_resolves_components_and_paths(write_spec, tmp_path):
     assert r.eraser.options.rank == 8
     assert [p.name for p in r.preserved] == ["list"]
     d = r.to_dict()
-    assert d["losses"][1] == {"name": "preservation", "weight": 0.5}
+    assert d["losses"][1] == {"name": "preservation", "weight": 0.5, "unconditional": False}
     assert d["preserved"][0]["source"] == "list"
     assert d["training"]["steps"] == 3
 
