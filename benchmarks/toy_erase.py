@@ -1,7 +1,8 @@
 """Toy-world erasure benchmark: train + evaluate erasers on the shipped toy base, on a CPU.
 
-For each concept (red by default, plus other colours / shapes) and each eraser
-seed, runs `examples/toy-erase-red.yaml` with only `concept.target` and
+For each concept and each eraser seed, runs the example spec of the concept's
+attribute -- `examples/toy-erase-red.yaml` for a colour,
+`examples/toy-erase-circle.yaml` for a shape -- with only `concept.target` and
 `concept.prompts` changed, evaluates it, prints a table and writes
 benchmarks/results/toy_erase.json. Targets (issue: toy world):
 
@@ -25,7 +26,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SPEC = ROOT / "examples" / "toy-erase-red.yaml"
+#: attribute -> the example spec whose recipe erases any value of it
+SPECS = {"color": ROOT / "examples" / "toy-erase-red.yaml", "shape": ROOT / "examples" / "toy-erase-circle.yaml"}
 RESULTS = Path(__file__).with_name("results") / "toy_erase.json"
 
 #: concept -> the eraser's training prompts (the eval holds out every other combination)
@@ -33,7 +35,8 @@ CONCEPTS = {
     "red": ["a red circle moving left", "a red square moving up", "a red triangle moving right"],
     "blue": ["a blue circle moving left", "a blue square moving up", "a blue triangle moving right"],
     "green": ["a green circle moving down", "a green square moving right", "a green triangle moving left"],
-    # a shape's prompts: one per colour, so the eval holds out 18 of the 24 combinations
+    # a shape's prompts (examples/toy-erase-circle.yaml's, shape swapped): one per colour, so the
+    # eval holds out 18 of the 24 combinations
     **{shape: [f"a {c} {shape} moving {d}" for c, d in zip(
         ("red", "orange", "yellow", "green", "blue", "magenta"), ("left", "up", "right", "down", "left", "up"))]
        for shape in ("square", "triangle", "circle")},
@@ -56,6 +59,13 @@ def check(summary: dict, seconds: float) -> dict[str, bool]:
     return out
 
 
+def spec_for(concept: str) -> Path:
+    from t2vu.toy.evaluation import attribute_of
+    from t2vu.toy.world import World
+
+    return SPECS[attribute_of(World(), concept)]
+
+
 def run_one(concept: str, seed: int, workdir: Path, extra: list[str]) -> dict:
     from t2vu.core import plugins
     from t2vu.core.engine import train
@@ -65,13 +75,14 @@ def run_one(concept: str, seed: int, workdir: Path, extra: list[str]) -> dict:
     prompts = "[" + ", ".join(CONCEPTS[concept]) + "]"
     overrides = [f"concept.target={concept}", f"concept.prompts={prompts}", f"training.seed={seed}",
                  f"output.dir={workdir / f'{concept}-seed{seed}'}", *extra]
-    resolved = load_spec(SPEC, plugins.get_registry(), overrides)
+    spec = spec_for(concept)
+    resolved = load_spec(spec, plugins.get_registry(), overrides)
     start = time.perf_counter()
     train(resolved)
     trained = time.perf_counter()
     report = evaluate(resolved)
     done = time.perf_counter()
-    return {"concept": concept, "seed": seed, "train_s": round(trained - start, 1),
+    return {"concept": concept, "seed": seed, "spec": str(spec.relative_to(ROOT)), "train_s": round(trained - start, 1),
             "eval_s": round(done - trained, 1), "total_s": round(done - start, 1), "summary": report["summary"]}
 
 
@@ -99,7 +110,7 @@ def main() -> int:
     print_table(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "machine": platform.platform(), "cpu_threads": 1, "spec": str(SPEC.relative_to(ROOT)),
+        "machine": platform.platform(), "cpu_threads": 1,
         "overrides": args.sets, "rows": rows,
         "all_checks_met": all(all(r["checks"].values()) for r in rows)}, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -12,6 +12,7 @@ torch.set_flush_denormal(True)
 runner = CliRunner()
 
 SPEC = "examples/toy-erase-red.yaml"
+SHAPE_SPEC = "examples/toy-erase-circle.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +57,32 @@ def test_eval_prompts_hold_out_the_erasers_training_prompts(report):
     assert others == {"orange", "yellow", "green", "blue", "magenta"}
 
 
-def test_another_concept_needs_only_target_and_prompts(tmp_path):
-    r = runner.invoke(app, ["run", SPEC, "--dry-run", "--set", "concept.target=circle", "--set",
-                            "concept.prompts=[a blue circle moving up]", "--set", f"output.dir={tmp_path}"])
+@pytest.mark.parametrize("spec, target, prompt, siblings", [
+    (SPEC, "blue", "a blue circle moving up", ["red", "orange", "yellow", "green", "magenta"]),
+    (SHAPE_SPEC, "square", "a blue square moving up", ["circle", "triangle"]),
+])
+def test_another_concept_needs_only_target_and_prompts(tmp_path, spec, target, prompt, siblings):
+    r = runner.invoke(app, ["run", spec, "--dry-run", "--set", f"concept.target={target}", "--set",
+                            f"concept.prompts=[{prompt}]", "--set", f"output.dir={tmp_path}"])
     assert r.exit_code == 0, r.output
     from t2vu.toy.sources import ToySiblings
 
-    assert ToySiblings(plugins.get_registry().get("concept_source", "toy_siblings").options()).concepts("circle") \
-        == ["square", "triangle"]
+    assert ToySiblings(plugins.get_registry().get("concept_source", "toy_siblings").options()).concepts(target) \
+        == siblings
+
+
+def test_shape_spec_uses_text_stream_adapters_and_an_anchor(tmp_path):
+    """The shape recipe's four differences from the colour one (docs/toy-world.md, "Erasing a shape")."""
+    from t2vu.core.engine import gather_prompts
+    from t2vu.core.spec import load_spec
+
+    resolved = load_spec(SHAPE_SPEC, plugins.get_registry(), [f"output.dir={tmp_path}"])
+    spec = resolved.spec
+    assert spec.eraser["streams"] == ["text"] and spec.concept.condition == "prompts"
+    assert spec.losses[1]["unconditional"] is True
+    prompts = gather_prompts(resolved)
+    assert prompts.anchors["a red circle moving left"] == "a red shape moving left"
+    assert set(prompts.unlearn) == set(spec.concept.prompt_list())  # no bare word
 
 
 def test_shape_target_metrics_do_not_count_erasing_as_shape_damage():
