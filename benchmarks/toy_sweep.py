@@ -1,0 +1,156 @@
+"""Parallel sweep of toy-world erasure runs and teacher diagnostics (for a machine with many cores / a GPU).
+
+    python benchmarks/toy_sweep.py main benchmarks/sweeps/shapes-2.json GPU_WORKERS CPU_WORKERS BUDGET_S TINY
+
+Each job of the JSON list is either ``{"kind": "erase", "concept", "seed", "sets"}`` (train + evaluate as
+benchmarks/toy_erase.py does, with ``sets`` as extra spec overrides on examples/toy-erase-red.yaml) or
+``{"kind": "teacher", "shape", "anchor", "eta"}``: sample the target's prompts with the negative-guidance
+teacher itself, ``v(u) + 5 (T - v(u))`` with ``T = v(a) - eta (v(c) - v(a))``, and judge them -- what an eraser
+that fit its target perfectly would draw. Workers claim jobs through files in /tmp/sweepclaims, so any number
+can run; results are collected into $OUT/results.jsonl every 10 s (a killed run still returns what finished).
+TINY=1 shortens everything (a smoke test of the script on a CPU). The numbers of
+benchmarks/results/toy_erase_sweep_device.json came from this script.
+"""
+from __future__ import annotations
+import json, os, sys, time, subprocess, traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+SPEC = ROOT / "examples" / "toy-erase-red.yaml"
+SHAPES = ("square", "triangle", "circle")
+COLORS = ("red", "orange", "yellow", "green", "blue", "magenta")
+
+
+def teacher_job(job, tiny):
+    import torch
+    from t2vu.core import plugins
+    from t2vu.core.spec import load_spec
+    from t2vu.toy.judges import judge_all
+    from t2vu.core.sampling import initial_noise
+    resolved = load_spec(SPEC, plugins.get_registry(), [])
+    bb = resolved.backbone.build()
+    bb.load("cuda" if torch.cuda.is_available() else "cpu")
+    S, A, eta = job["shape"], job["anchor"], job["eta"]
+    attr = "color" if S in COLORS else "shape"
+    if attr == "shape":
+        combos = [(c, S, d) for c in COLORS for d in ("left", "up", "right", "down")]
+    else:
+        combos = [(S, sh, d) for sh in SHAPES for d in ("left", "up", "right", "down")]
+    if tiny:
+        combos = combos[:2]
+    prompts = [f"a {c} {sh} moving {d}" for c, sh, d in combos]
+    if A is None:
+        anchors = [""] * len(prompts)
+    else:
+        anchors = [" ".join(p.replace(S, A).split()) for p in prompts]
+    emb = bb.encode_prompts(list(dict.fromkeys([""] + prompts + anchors)))
+    seeds = (0, 1)
+    shape = bb.latent_shape(4, 32, 32)
+    rows = [(p, a, combo, s) for (p, a, combo) in zip(prompts, anchors, combos) for s in seeds]
+    steps = 2 if tiny else 25
+    g = 5.0
+    with torch.no_grad():
+        x = torch.stack([initial_noise(shape, s) for *_, s in rows]).to(bb.device)
+        b = x.size(0)
+        u = torch.stack([emb[""]] * b); c = torch.stack([emb[r[0]] for r in rows]); a = torch.stack([emb[r[1]] for r in rows])
+        ts = bb.sampler_timesteps(steps)
+        for i, t in enumerate(ts):
+            tt = t.repeat(b)
+            pred = bb.predict(torch.cat([x, x, x]), torch.cat([tt, tt, tt]), torch.cat([u, c, a]))
+            vu, vc, va = pred[:b], pred[b:2 * b], pred[2 * b:]
+            teach = va - eta * (vc - va)
+            v = vu + g * (teach - vu)
+            tp = ts[i + 1].repeat(b) if i + 1 < len(ts) else None
+            x = bb.sampler_step(v, tt, tp, x)
+        vids = bb.decode(x).float().cpu()
+    labels = [judge_all(vids[i]) for i in range(b)]
+    n = len(rows)
+    res = {"target_rate": sum(l.get(attr) == S for l in labels) / n,
+           "shape_counts": {k: sum(l.get(attr) == k for l in labels) for k in ((*SHAPES, None) if attr == "shape" else (*COLORS, None))},
+           "shape_acc": sum(l.get("shape") == r[2][1] for l, r in zip(labels, rows)) / n,
+           "motion_acc": sum(l.get("motion") == r[2][2] for l, r in zip(labels, rows)) / n,
+           "color_acc": sum(l.get("color") == r[2][0] for l, r in zip(labels, rows)) / n}
+    return res
+
+
+def erase_job(job, tiny, workdir):
+    from t2vu.core import plugins
+    from t2vu.core.engine import train
+    from t2vu.core.evaluate import evaluate
+    from t2vu.core.spec import load_spec
+    from toy_erase import CONCEPTS, check
+    prompts = CONCEPTS[job["concept"]]
+    name = job["id"]
+    overrides = [f"concept.target={job['concept']}", "concept.prompts=[" + ", ".join(prompts) + "]",
+                 f"training.seed={job['seed']}", f"output.dir={workdir / name}", "eval.batch_size=64", *job["sets"]]
+    if tiny:
+        overrides += ["training.steps=3", "eval.steps=2", "training.sample_steps=3"]
+    resolved = load_spec(SPEC, plugins.get_registry(), overrides)
+    t0 = time.perf_counter(); train(resolved); t1 = time.perf_counter()
+    rep = evaluate(resolved); t2 = time.perf_counter()
+    return {"summary": rep["summary"], "train_s": round(t1 - t0, 1), "eval_s": round(t2 - t1, 1),
+            "checks": check(rep["summary"], 0)}
+
+
+def worker(jobs_file, claim_dir, res_dir, tiny, deadline):
+    import torch
+    torch.set_num_threads(1)
+    jobs = json.loads(Path(jobs_file).read_text())
+    work = Path("/tmp/sweepruns"); work.mkdir(exist_ok=True)
+    for job in jobs:
+        if time.time() > deadline - job.get("cost", 60):
+            continue
+        try:
+            fd = os.open(f"{claim_dir}/{job['id']}", os.O_CREAT | os.O_EXCL | os.O_WRONLY); os.close(fd)
+        except FileExistsError:
+            continue
+        t0 = time.time()
+        try:
+            r = teacher_job(job, tiny) if job["kind"] == "teacher" else erase_job(job, tiny, work)
+            r.update(job=job, ok=True)
+        except Exception:
+            r = {"job": job, "ok": False, "error": traceback.format_exc()[-2000:]}
+        r["wall_s"] = round(time.time() - t0, 1)
+        r["device"] = os.environ.get("SWEEP_DEV", "?")
+        (Path(res_dir) / f"{job['id']}.json").write_text(json.dumps(r))
+        print(f"[{r['device']}] {job['id']} {'ok' if r['ok'] else 'FAIL'} {r['wall_s']}s", flush=True)
+
+
+def collect(res_dir, out):
+    rows = [json.loads(p.read_text()) for p in sorted(Path(res_dir).glob("*.json"))]
+    Path(out).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return rows
+
+
+def main():
+    if sys.argv[1] == "worker":
+        worker(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1", float(sys.argv[6]))
+        return
+    jobs_file, n_gpu, n_cpu, budget, tiny = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), sys.argv[6] == "1"
+    out = Path(os.environ.get("OUT", "/tmp/sweepout")); out.mkdir(exist_ok=True, parents=True)
+    claim, res = Path("/tmp/sweepclaims"), Path("/tmp/sweepres")
+    for d in (claim, res):
+        d.mkdir(exist_ok=True)
+    deadline = time.time() + budget
+    procs = []
+    base_env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for i in range(n_gpu + n_cpu):
+        env = dict(base_env, SWEEP_DEV=("cuda" if i < n_gpu else "cpu"))
+        if i >= n_gpu:
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        procs.append(subprocess.Popen([sys.executable, __file__, "worker", jobs_file, str(claim), str(res),
+                                       "1" if tiny else "0", str(deadline)], env=env))
+        time.sleep(0.5)
+    while any(p.poll() is None for p in procs):
+        time.sleep(10)
+        collect(res, out / "results.jsonl")
+        if time.time() > deadline + 30:
+            for p in procs:
+                p.kill()
+    rows = collect(res, out / "results.jsonl")
+    print(f"{len(rows)} results, {sum(r['ok'] for r in rows)} ok")
+
+
+if __name__ == "__main__":
+    main()
