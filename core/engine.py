@@ -138,6 +138,11 @@ def train(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict
     latent_shape = backbone.latent_shape(tr.num_frames, tr.height, tr.width)
     state_source = make_states(tr.states, backbone, erasers, latent_shape, generator, device, embed, tr, rng)
     needs = [need for _, loss in losses for need in loss.needs()]
+    video_sites = {site.name for site in sites if getattr(site, "stream", "video") == "video"}
+    if any(n.kind == "eraser_outputs" for n in needs) and not video_sites & set(erasers.site_names):
+        erasers.detach()
+        raise T2VUError("a loss term (localization) penalises the erasers' video outputs, but no eraser edits "
+                        "the video (eraser.streams has no 'video'); add 'video' or drop that term")
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "prompts.json").write_text(json.dumps(

@@ -34,16 +34,11 @@ class Adapter(nn.Module):
         return self.up(self.act(self.down(h.to(dtype))))
 
 
-#: Site streams: ``video`` edits the module's first output (the video tokens); ``text`` edits the
-#: text tokens entering the module (its ``encoder_hidden_states``: the keys and values every video
-#: token reads the prompt through).
-STREAMS = ("video", "text")
-
-
 @dataclass
 class Site:
     """Where an eraser attaches: a module's video output ``[B, N_video, dim]`` (``stream="video"``)
-    or the text tokens ``[B, N_text, dim]`` it is called with (``stream="text"``)."""
+    or the text tokens ``[B, N_text, dim]`` it is called with (``stream="text"``: its
+    ``encoder_hidden_states``, the keys and values every video token reads the prompt through)."""
 
     name: str  # e.g. "transformer_blocks.3.attn1" (video) or "transformer_blocks.3.attn1.text"
     module: nn.Module

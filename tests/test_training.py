@@ -61,6 +61,22 @@ def test_anchor_prompts_are_recorded_and_checked(tmp_path, tiny_folder):
     assert set(json.loads((tmp_path / "plain" / "prompts.json").read_text())["anchors"].values()) == {""}
 
 
+def test_text_stream_erasers_train_and_localization_needs_video(tmp_path, tiny_folder):
+    """eraser.streams [video, text]: trains with all three terms (text sites are not in the localization
+    term) and saves both kinds of site; [text] with the localization term stops before writing anything."""
+    spec = write(tmp_path, tiny_folder, steps=2)
+    r = runner.invoke(app, ["run", str(spec), "--set", "eraser.streams=[video, text]"])
+    assert r.exit_code == 0, r.output
+    from t2vu.core.eraser_io import read_eraser
+
+    sites = read_eraser(tmp_path / "run" / "eraser.safetensors").sites
+    assert "transformer_blocks.0.attn1" in sites and "transformer_blocks.0.attn1.text" in sites
+    bad = write(tmp_path, tiny_folder, out="text-only", steps=2)
+    r = runner.invoke(app, ["run", str(bad), "--set", "eraser.streams=[text]"])
+    assert r.exit_code != 0 and "no eraser edits the video" in r.output
+    assert not (tmp_path / "text-only").exists()
+
+
 def test_run_writes_a_loadable_eraser_and_refuses_to_overwrite(tmp_path, tiny_folder):
     spec = write(tmp_path, tiny_folder, steps=4, ckpt=2)
     r = runner.invoke(app, ["run", str(spec)])
