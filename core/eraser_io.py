@@ -614,8 +614,12 @@ def _model_config(model_path: Path) -> dict:
     return filled
 
 
+#: the sites the upstream format knows: each block's attn1 video output
+_UPSTREAM_SITE = re.compile(r"^transformer_blocks\.(\d+)\.attn1$")
+
+
 def _check_cogvideox_layout(by_site: dict, dim: int, config: Optional[dict], where: str) -> None:
-    pattern = re.compile(r"^transformer_blocks\.(\d+)\.attn1$")
+    pattern = _UPSTREAM_SITE
     odd = [s for s in by_site if not pattern.match(s)]
     if odd:
         raise T2VUError(f"{where}: sites {_few(odd)} are not CogVideoX sites (transformer_blocks.<i>.attn1); "
@@ -717,9 +721,9 @@ def export_upstream(eraser_file: PathLike, out_folder: PathLike, *, overwrite: b
     if meta.get("eraser_type") != "adapter":
         raise T2VUError(f"{eraser_file}: only adapter erasers have an upstream format "
                         f"(this one is {meta.get('eraser_type')!r})")
-    text_sites = [s for s in erasers_file.sites if s.endswith(".text")]
-    if text_sites:
-        raise T2VUError(f"{eraser_file}: {len(text_sites)} site(s) edit the text tokens ({_few(text_sites)}, "
+    other = [s for s in erasers_file.sites if not _UPSTREAM_SITE.match(s)]
+    if other:
+        raise T2VUError(f"{eraser_file}: {len(other)} site(s) are not attn1 video outputs ({_few(other)}; e.g. "
                         "eraser.streams includes 'text'); upstream T2VUnlearning has only video-output "
                         "adapters, so this eraser has no upstream format")
     out_folder = Path(out_folder)

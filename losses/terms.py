@@ -40,7 +40,7 @@ class PreservationLoss:
         self.options = options
 
     def conds(self) -> list[str]:
-        return [PRESERVED, UNCOND] if getattr(self.options, "unconditional", False) else [PRESERVED]
+        return [PRESERVED, UNCOND] if self.options.unconditional else [PRESERVED]
 
     def needs(self) -> list[Need]:
         return [Need(kind, cond) for cond in self.conds() for kind in ("frozen", "erased")]

@@ -102,7 +102,7 @@ class EraserSet(nn.Module):
             delta = module(h)
             if self.record:
                 self.outputs[name] = delta
-            h = h + (self.scale * delta).to(h.dtype)
+            h = self._add(h, delta)
             return (h, *rest) if isinstance(output, tuple) else h
 
         return hook
@@ -115,13 +115,16 @@ class EraserSet(nn.Module):
                 return None
             if "encoder_hidden_states" in kwargs:
                 text = kwargs["encoder_hidden_states"]
-                kwargs = {**kwargs, "encoder_hidden_states": text + (self.scale * module(text)).to(text.dtype)}
+                kwargs = {**kwargs, "encoder_hidden_states": self._add(text, module(text))}
             else:  # called positionally: (hidden_states, encoder_hidden_states, ...)
-                text = args[1]
-                args = (args[0], text + (self.scale * module(text)).to(text.dtype), *args[2:])
+                args = (args[0], self._add(args[1], module(args[1])), *args[2:])
             return args, kwargs
 
         return pre_hook
+
+    def _add(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """``x + scale * delta`` in ``x``'s dtype (the eraser computes in fp32)."""
+        return x + (self.scale * delta).to(x.dtype)
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
