@@ -11,75 +11,77 @@ can run; results are collected into $OUT/results.jsonl every 10 s (a killed run 
 TINY=1 shortens everything (a smoke test of the script on a CPU). The numbers of
 benchmarks/results/toy_erase_sweep_device.json came from this script.
 """
+
 from __future__ import annotations
-import json, os, sys, time, subprocess, traceback
+
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 SPEC = ROOT / "examples" / "toy-erase-red.yaml"
-SHAPES = ("square", "triangle", "circle")
-COLORS = ("red", "orange", "yellow", "green", "blue", "magenta")
 
 
 def teacher_job(job, tiny):
     import torch
+
     from t2vu.core import plugins
-    from t2vu.core.spec import load_spec
-    from t2vu.toy.judges import judge_all
+    from t2vu.core.engine import anchor_prompt
     from t2vu.core.sampling import initial_noise
+    from t2vu.core.spec import load_spec
+    from t2vu.toy.evaluation import attribute_of
+    from t2vu.toy.judges import judge_all
+    from t2vu.toy.world import World
+
+    world = World()
     resolved = load_spec(SPEC, plugins.get_registry(), [])
     bb = resolved.backbone.build()
     bb.load("cuda" if torch.cuda.is_available() else "cpu")
-    S, A, eta = job["shape"], job["anchor"], job["eta"]
-    attr = "color" if S in COLORS else "shape"
-    if attr == "shape":
-        combos = [(c, S, d) for c in COLORS for d in ("left", "up", "right", "down")]
-    else:
-        combos = [(S, sh, d) for sh in SHAPES for d in ("left", "up", "right", "down")]
-    if tiny:
-        combos = combos[:2]
-    prompts = [f"a {c} {sh} moving {d}" for c, sh, d in combos]
-    if A is None:
-        anchors = [""] * len(prompts)
-    else:
-        anchors = [" ".join(p.replace(S, A).split()) for p in prompts]
+    target, anchor, eta = job["shape"], job["anchor"], job["eta"]  # "shape": the target, a shape or a colour
+    attr = attribute_of(world, target)
+    index = {"color": 0, "shape": 1}[attr]
+    combos = [c for c in world.combinations() if c[index] == target][: 2 if tiny else None]
+    rows = [(world.caption(*c), c, seed) for c in combos for seed in (0, 1)]
+    prompts = [p for p, _, _ in rows]
+    anchors = [anchor_prompt(p, target, anchor) for p in prompts]  # "" (the empty prompt) without an anchor
     emb = bb.encode_prompts(list(dict.fromkeys([""] + prompts + anchors)))
-    seeds = (0, 1)
-    shape = bb.latent_shape(4, 32, 32)
-    rows = [(p, a, combo, s) for (p, a, combo) in zip(prompts, anchors, combos) for s in seeds]
-    steps = 2 if tiny else 25
-    g = 5.0
+    b = len(rows)
+    u = torch.stack([emb[""]] * b)
+    c = torch.stack([emb[p] for p in prompts])
+    a = torch.stack([emb[p] for p in anchors])
+    guidance = 5.0
     with torch.no_grad():
-        x = torch.stack([initial_noise(shape, s) for *_, s in rows]).to(bb.device)
-        b = x.size(0)
-        u = torch.stack([emb[""]] * b); c = torch.stack([emb[r[0]] for r in rows]); a = torch.stack([emb[r[1]] for r in rows])
-        ts = bb.sampler_timesteps(steps)
+        x = torch.stack([initial_noise(bb.latent_shape(4, 32, 32), seed) for _, _, seed in rows]).to(bb.device)
+        ts = bb.sampler_timesteps(2 if tiny else 25)
         for i, t in enumerate(ts):
             tt = t.repeat(b)
-            pred = bb.predict(torch.cat([x, x, x]), torch.cat([tt, tt, tt]), torch.cat([u, c, a]))
-            vu, vc, va = pred[:b], pred[b:2 * b], pred[2 * b:]
-            teach = va - eta * (vc - va)
-            v = vu + g * (teach - vu)
+            vu, vc, va = bb.predict(torch.cat([x, x, x]), torch.cat([tt, tt, tt]), torch.cat([u, c, a])).chunk(3)
+            teacher = va - eta * (vc - va)
             tp = ts[i + 1].repeat(b) if i + 1 < len(ts) else None
-            x = bb.sampler_step(v, tt, tp, x)
-        vids = bb.decode(x).float().cpu()
-    labels = [judge_all(vids[i]) for i in range(b)]
-    n = len(rows)
-    res = {"target_rate": sum(l.get(attr) == S for l in labels) / n,
-           "shape_counts": {k: sum(l.get(attr) == k for l in labels) for k in ((*SHAPES, None) if attr == "shape" else (*COLORS, None))},
-           "shape_acc": sum(l.get("shape") == r[2][1] for l, r in zip(labels, rows)) / n,
-           "motion_acc": sum(l.get("motion") == r[2][2] for l, r in zip(labels, rows)) / n,
-           "color_acc": sum(l.get("color") == r[2][0] for l, r in zip(labels, rows)) / n}
-    return res
+            x = bb.sampler_step(vu + guidance * (teacher - vu), tt, tp, x)
+        videos = bb.decode(x).float().cpu()
+    labels = [judge_all(videos[i]) for i in range(b)]
+    values = world.colors if attr == "color" else world.shapes
+    accuracy = {name: sum(lab.get(name) == combo[k] for lab, (_, combo, _) in zip(labels, rows)) / b
+                for k, name in enumerate(("color", "shape", "motion"))}
+    return {"target_rate": sum(lab.get(attr) == target for lab in labels) / b,
+            "shape_counts": {v: sum(lab.get(attr) == v for lab in labels) for v in (*values, None)},
+            "shape_acc": accuracy["shape"], "motion_acc": accuracy["motion"], "color_acc": accuracy["color"]}
 
 
 def erase_job(job, tiny, workdir):
+    from toy_erase import CONCEPTS, check
+
     from t2vu.core import plugins
     from t2vu.core.engine import train
     from t2vu.core.evaluate import evaluate
     from t2vu.core.spec import load_spec
-    from toy_erase import CONCEPTS, check
+
     prompts = CONCEPTS[job["concept"]]
     name = job["id"]
     overrides = [f"concept.target={job['concept']}", "concept.prompts=[" + ", ".join(prompts) + "]",
@@ -87,8 +89,11 @@ def erase_job(job, tiny, workdir):
     if tiny:
         overrides += ["training.steps=3", "eval.steps=2", "training.sample_steps=3"]
     resolved = load_spec(SPEC, plugins.get_registry(), overrides)
-    t0 = time.perf_counter(); train(resolved); t1 = time.perf_counter()
-    rep = evaluate(resolved); t2 = time.perf_counter()
+    t0 = time.perf_counter()
+    train(resolved)
+    t1 = time.perf_counter()
+    rep = evaluate(resolved)
+    t2 = time.perf_counter()
     return {"summary": rep["summary"], "train_s": round(t1 - t0, 1), "eval_s": round(t2 - t1, 1),
             "checks": check(rep["summary"], 0)}
 
@@ -97,12 +102,13 @@ def worker(jobs_file, claim_dir, res_dir, tiny, deadline):
     import torch
     torch.set_num_threads(1)
     jobs = json.loads(Path(jobs_file).read_text())
-    work = Path("/tmp/sweepruns"); work.mkdir(exist_ok=True)
+    work = Path("/tmp/sweepruns")
+    work.mkdir(exist_ok=True)
     for job in jobs:
         if time.time() > deadline - job.get("cost", 60):
             continue
         try:
-            fd = os.open(f"{claim_dir}/{job['id']}", os.O_CREAT | os.O_EXCL | os.O_WRONLY); os.close(fd)
+            os.close(os.open(f"{claim_dir}/{job['id']}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             continue
         t0 = time.time()
@@ -127,8 +133,10 @@ def main():
     if sys.argv[1] == "worker":
         worker(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1", float(sys.argv[6]))
         return
-    jobs_file, n_gpu, n_cpu, budget, tiny = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), sys.argv[6] == "1"
-    out = Path(os.environ.get("OUT", "/tmp/sweepout")); out.mkdir(exist_ok=True, parents=True)
+    jobs_file, n_gpu, n_cpu = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    budget, tiny = float(sys.argv[5]), sys.argv[6] == "1"
+    out = Path(os.environ.get("OUT", "/tmp/sweepout"))
+    out.mkdir(exist_ok=True, parents=True)
     claim, res = Path("/tmp/sweepclaims"), Path("/tmp/sweepres")
     for d in (claim, res):
         d.mkdir(exist_ok=True)
