@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 #: attribute -> the example spec whose recipe erases any value of it
@@ -66,7 +67,8 @@ def spec_for(concept: str) -> Path:
     return SPECS[attribute_of(World(), concept)]
 
 
-def run_one(concept: str, seed: int, workdir: Path, extra: list[str]) -> dict:
+def run_one(concept: str, seed: int, workdir: Path, extra: list[str], spec: Optional[Path] = None) -> dict:
+    """Train and evaluate one eraser (``spec``: default the example spec of the concept's attribute)."""
     from t2vu.core import plugins
     from t2vu.core.engine import train
     from t2vu.core.evaluate import evaluate
@@ -75,7 +77,7 @@ def run_one(concept: str, seed: int, workdir: Path, extra: list[str]) -> dict:
     prompts = "[" + ", ".join(CONCEPTS[concept]) + "]"
     overrides = [f"concept.target={concept}", f"concept.prompts={prompts}", f"training.seed={seed}",
                  f"output.dir={workdir / f'{concept}-seed{seed}'}", *extra]
-    spec = spec_for(concept)
+    spec = spec or spec_for(concept)
     resolved = load_spec(spec, plugins.get_registry(), overrides)
     start = time.perf_counter()
     train(resolved)

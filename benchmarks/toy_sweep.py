@@ -75,27 +75,14 @@ def teacher_job(job, tiny):
 
 
 def erase_job(job, tiny, workdir):
-    from toy_erase import CONCEPTS, check
+    from toy_erase import check, run_one
 
-    from t2vu.core import plugins
-    from t2vu.core.engine import train
-    from t2vu.core.evaluate import evaluate
-    from t2vu.core.spec import load_spec
-
-    prompts = CONCEPTS[job["concept"]]
-    name = job["id"]
-    overrides = [f"concept.target={job['concept']}", "concept.prompts=[" + ", ".join(prompts) + "]",
-                 f"training.seed={job['seed']}", f"output.dir={workdir / name}", "eval.batch_size=64", *job["sets"]]
+    extra = ["eval.batch_size=64", *job["sets"]]
     if tiny:
-        overrides += ["training.steps=3", "eval.steps=2", "training.sample_steps=3"]
-    resolved = load_spec(SPEC, plugins.get_registry(), overrides)
-    t0 = time.perf_counter()
-    train(resolved)
-    t1 = time.perf_counter()
-    rep = evaluate(resolved)
-    t2 = time.perf_counter()
-    return {"summary": rep["summary"], "train_s": round(t1 - t0, 1), "eval_s": round(t2 - t1, 1),
-            "checks": check(rep["summary"], 0)}
+        extra += ["training.steps=3", "eval.steps=2", "training.sample_steps=3"]
+    row = run_one(job["concept"], job["seed"], workdir / job["id"], extra, spec=SPEC)
+    return {"summary": row["summary"], "train_s": row["train_s"], "eval_s": row["eval_s"],
+            "checks": check(row["summary"], 0)}
 
 
 def worker(jobs_file, claim_dir, res_dir, tiny, deadline):

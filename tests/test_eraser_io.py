@@ -234,7 +234,7 @@ def test_text_stream_erasers_edit_the_text_tokens_attn1_reads(pipe, transformer,
     text_only = fresh_erasers(transformer, randomise=True, streams=["text"])
     path = save_eraser(tmp_path / "text.safetensors", text_only, backbone="cogvideox",
                        backbone_config=dict(transformer.config), target="nudity")
-    params = {s: {k: v for k, v in text_only.eraser(s).state_dict().items()} for s in text_only.site_names}
+    params = {s: dict(text_only.eraser(s).state_dict()) for s in text_only.site_names}
 
     def pre_hook(module, args, kwargs, p):
         e = kwargs["encoder_hidden_states"]
