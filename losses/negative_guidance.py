@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from pydantic import Field
 
 from t2vu.core.hookspecs import hookimpl
@@ -9,9 +11,14 @@ from t2vu.core.spec import LossOptions
 
 
 class NegativeGuidanceOptions(LossOptions):
-    """||v'(x_t, c) - [v*(x_t, empty) - eta (v*(x_t, c) - v*(x_t, empty))]||^2."""
+    """||v'(x_t, c) - [v*(x_t, a) - eta (v*(x_t, c) - v*(x_t, a))]||^2, a the empty prompt or the anchor."""
 
     eta: float = Field(7.0, ge=0, description="Strength of the negative guidance.")
+    push_limit: Optional[float] = Field(
+        None, gt=0, description="Cap each sample's guidance step eta (v*(c) - v*(a)) at push_limit x ||v*(a)|| "
+        "(None: no cap). Where the concept's and the anchor's predictions differ a lot, a strong eta "
+        "overshoots (washed-out colours, lost motion); the cap keeps a strong eta for concepts close to "
+        "their anchor without overshooting on the others.")
 
 
 @hookimpl

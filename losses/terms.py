@@ -8,6 +8,8 @@ compare predictions of one model, so they work for any parameterisation
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -16,7 +18,8 @@ from t2vu.core.context import ANCHOR, PRESERVED, TARGET, UNCOND, Need
 
 class NegativeGuidanceLoss:
     """``||v'(x_t, c) - [v*(x_t, a) - eta (v*(x_t, c) - v*(x_t, a))]||^2``; the anchor ``a`` is the
-    empty prompt ∅, or ``c`` with the concept replaced when the spec sets ``concept.anchor``."""
+    empty prompt ∅, or ``c`` with the concept replaced when the spec sets ``concept.anchor``. With
+    ``push_limit`` the guidance step is capped per sample (:func:`guided_away`)."""
 
     def __init__(self, options):
         self.options = options
@@ -25,11 +28,22 @@ class NegativeGuidanceLoss:
         return [Need("frozen", ANCHOR), Need("frozen", TARGET), Need("erased", TARGET)]
 
     def target(self, ctx) -> torch.Tensor:
-        anchor, cond = ctx.frozen(ANCHOR), ctx.frozen(TARGET)
-        return anchor - self.options.eta * (cond - anchor)
+        return guided_away(ctx.frozen(ANCHOR), ctx.frozen(TARGET), self.options.eta, self.options.push_limit)
 
     def __call__(self, ctx) -> torch.Tensor:
         return F.mse_loss(ctx.erased(TARGET), self.target(ctx).detach())
+
+
+def guided_away(anchor: torch.Tensor, cond: torch.Tensor, eta: float, push_limit: Optional[float] = None):
+    """The negative-guidance teacher ``anchor - step``, ``step = eta (cond - anchor)``; with ``push_limit``
+    each sample's step (``[B, ...]``) is scaled by ``min(1, push_limit ||anchor|| / ||step||)``."""
+    step = eta * (cond - anchor)
+    if push_limit is not None:
+        norm = step.float().flatten(1).norm(dim=1)
+        cap = push_limit * anchor.float().flatten(1).norm(dim=1)
+        scale = (cap / norm.clamp_min(torch.finfo(torch.float32).tiny)).clamp(max=1.0)
+        step = step * scale.to(step.dtype).view(-1, *([1] * (step.dim() - 1)))
+    return anchor - step
 
 
 class PreservationLoss:

@@ -142,6 +142,27 @@ def test_negative_guidance_target_formula(loaded):
     assert torch.allclose(loss.target(ctx), u - 2.0 * (c - u))
 
 
+def test_negative_guidance_push_limit_caps_each_sample_step(loaded):
+    """push_limit: a sample whose step eta (c - a) is longer than limit x ||a|| is scaled down to exactly that
+    length (same direction); a sample under the cap keeps the plain target."""
+    backbone, erasers, emb = loaded
+    ctx = make_ctx(backbone, erasers, emb)
+    u, c = ctx.frozen(UNCOND), ctx.frozen(TARGET)
+    step = 2.0 * (c - u)
+    ratio = step.flatten(1).norm(dim=1) / u.flatten(1).norm(dim=1)
+    assert ratio.numel() == 2 and ratio[0] != ratio[1]
+    limit = float(ratio.mean())  # between the two samples' ratios: one is capped, the other is not
+    capped = NegativeGuidanceLoss(options("negative_guidance", eta=2.0, push_limit=limit)).target(ctx)
+    plain = NegativeGuidanceLoss(options("negative_guidance", eta=2.0)).target(ctx)
+    big, small = (0, 1) if ratio[0] > ratio[1] else (1, 0)
+    assert torch.allclose(capped[small], plain[small])
+    got = u[big] - capped[big]
+    assert torch.allclose(got.norm(), limit * u[big].norm(), rtol=1e-4)
+    assert torch.allclose(got / got.norm(), step[big] / step[big].norm(), atol=1e-5)
+    with pytest.raises(Exception, match="push_limit"):
+        options("negative_guidance", push_limit=0)
+
+
 def test_negative_guidance_with_an_anchor_prompt(loaded):
     """concept.anchor: guide away from c relative to the anchor prompt, not the empty prompt; a condition
     whose prompts equal another's (the default anchor is the empty prompt) costs no extra rows."""

@@ -95,7 +95,7 @@ def test_run_writes_a_loadable_eraser_and_refuses_to_overwrite(tmp_path, tiny_fo
 
     meta = read_eraser(out / "eraser.safetensors").metadata
     assert meta["backbone"] == "cogvideox" and meta["target"] == "nudity" and meta["eraser_type"] == "adapter"
-    assert meta["spec"]["losses"][0] == {"name": "negative_guidance", "weight": 1.0, "eta": 3.0}
+    assert meta["spec"]["losses"][0] == {"name": "negative_guidance", "weight": 1.0, "eta": 3.0, "push_limit": None}
 
     import t2vu
     from diffusers import CogVideoXPipeline
