@@ -67,25 +67,33 @@ def spec_for(concept: str) -> Path:
     return SPECS[attribute_of(World(), concept)]
 
 
-def run_one(concept: str, seed: int, workdir: Path, extra: list[str], spec: Optional[Path] = None) -> dict:
-    """Train and evaluate one eraser (``spec``: default the example spec of the concept's attribute)."""
+def train_one(concept: str, seed: int, workdir: Path, extra: list[str], spec: Optional[Path] = None):
+    """Train one eraser with only ``concept.target``/``concept.prompts`` (and ``extra``) changed from ``spec``
+    (default: the example spec of the concept's attribute); returns the resolved spec and the seconds taken."""
     from t2vu.core import plugins
     from t2vu.core.engine import train
-    from t2vu.core.evaluate import evaluate
     from t2vu.core.spec import load_spec
 
     prompts = "[" + ", ".join(CONCEPTS[concept]) + "]"
     overrides = [f"concept.target={concept}", f"concept.prompts={prompts}", f"training.seed={seed}",
                  f"output.dir={workdir / f'{concept}-seed{seed}'}", *extra]
-    spec = spec or spec_for(concept)
-    resolved = load_spec(spec, plugins.get_registry(), overrides)
+    resolved = load_spec(spec or spec_for(concept), plugins.get_registry(), overrides)
     start = time.perf_counter()
     train(resolved)
-    trained = time.perf_counter()
+    return resolved, time.perf_counter() - start
+
+
+def run_one(concept: str, seed: int, workdir: Path, extra: list[str], spec: Optional[Path] = None) -> dict:
+    """Train and evaluate one eraser (``spec``: default the example spec of the concept's attribute)."""
+    from t2vu.core.evaluate import evaluate
+
+    spec = spec or spec_for(concept)
+    resolved, train_s = train_one(concept, seed, workdir, extra, spec)
+    start = time.perf_counter()
     report = evaluate(resolved)
-    done = time.perf_counter()
-    return {"concept": concept, "seed": seed, "spec": str(spec.relative_to(ROOT)), "train_s": round(trained - start, 1),
-            "eval_s": round(done - trained, 1), "total_s": round(done - start, 1), "summary": report["summary"]}
+    eval_s = time.perf_counter() - start
+    return {"concept": concept, "seed": seed, "spec": str(spec.relative_to(ROOT)), "train_s": round(train_s, 1),
+            "eval_s": round(eval_s, 1), "total_s": round(train_s + eval_s, 1), "summary": report["summary"]}
 
 
 def main() -> int:

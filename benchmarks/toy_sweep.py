@@ -2,14 +2,22 @@
 
     python benchmarks/toy_sweep.py main benchmarks/sweeps/shapes-2.json GPU_WORKERS CPU_WORKERS BUDGET_S TINY
 
-Each job of the JSON list is either ``{"kind": "erase", "concept", "seed", "sets"}`` (train + evaluate as
-benchmarks/toy_erase.py does, with ``sets`` as extra spec overrides on examples/toy-erase-red.yaml) or
-``{"kind": "teacher", "shape", "anchor", "eta"}``: sample the target's prompts with the negative-guidance
-teacher itself, ``v(u) + 5 (T - v(u))`` with ``T = v(a) - eta (v(c) - v(a))``, and judge them -- what an eraser
-that fit its target perfectly would draw. Workers claim jobs through files in /tmp/sweepclaims, so any number
-can run; results are collected into $OUT/results.jsonl every 10 s (a killed run still returns what finished).
-TINY=1 shortens everything (a smoke test of the script on a CPU). The numbers of
-benchmarks/results/toy_erase_sweep_device.json came from this script.
+Each job of the JSON list is one of
+
+- ``{"kind": "erase", "concept", "seed", "sets"}``: train + evaluate as benchmarks/toy_erase.py does, with
+  ``sets`` as extra spec overrides on ``spec`` (default examples/toy-erase-red.yaml);
+- ``{"kind": "teacher", "shape", "anchor", "eta", "push_limit"}``: sample the target's prompts with the
+  negative-guidance teacher itself, ``v(u) + 5 (T - v(u))`` with ``T = v(a) - eta (v(c) - v(a))`` (the step
+  capped as the loss caps it with ``push_limit``, optional), and judge them -- what an eraser that fit its
+  target perfectly would draw; ``step_ratio`` is the mean ``|v(c) - v(a)| / |v(a)|`` at sampler steps 0, 5, 12;
+- ``{"kind": "probe", "concept", "seed", "sets", "spec", "eval_seeds"}``: train one eraser and judge every
+  combination of the target (its training prompts and the held-out ones, counted apart) and every fourth
+  prompt of the other values, from each of ``eval_seeds``.
+
+Workers claim jobs through files in /tmp/sweepclaims, so any number can run; results are collected into
+$OUT/results.jsonl every 10 s (a killed run still returns what finished). TINY=1 shortens everything (a
+smoke test of the script on a CPU). The numbers of benchmarks/results/toy_erase_sweep_device.json and the
+"teacher" and "reproduced" rows of benchmarks/results/toy_erase_sweep_states.json came from this script.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ def teacher_job(job, tiny):
     from t2vu.core.engine import anchor_prompt
     from t2vu.core.sampling import initial_noise
     from t2vu.core.spec import load_spec
+    from t2vu.losses.terms import guided_away
     from t2vu.toy.evaluation import attribute_of
     from t2vu.toy.judges import judge_all
     from t2vu.toy.world import World
@@ -54,14 +63,16 @@ def teacher_job(job, tiny):
     u = torch.stack([emb[""]] * b)
     c = torch.stack([emb[p] for p in prompts])
     a = torch.stack([emb[p] for p in anchors])
-    guidance = 5.0
+    guidance, limit, ratios = 5.0, job.get("push_limit"), {}
     with torch.no_grad():
         x = torch.stack([initial_noise(bb.latent_shape(4, 32, 32), seed) for _, _, seed in rows]).to(bb.device)
         ts = bb.sampler_timesteps(2 if tiny else 25)
         for i, t in enumerate(ts):
             tt = t.repeat(b)
             vu, vc, va = bb.predict(torch.cat([x, x, x]), torch.cat([tt, tt, tt]), torch.cat([u, c, a])).chunk(3)
-            teacher = va - eta * (vc - va)
+            teacher = guided_away(va, vc, eta, limit)
+            if i in (0, 5, 12):
+                ratios[i] = round(float(((vc - va).flatten(1).norm(dim=1) / va.flatten(1).norm(dim=1)).mean()), 3)
             tp = ts[i + 1].repeat(b) if i + 1 < len(ts) else None
             x = bb.sampler_step(vu + guidance * (teacher - vu), tt, tp, x)
         videos = bb.decode(x).float().cpu()
@@ -71,18 +82,77 @@ def teacher_job(job, tiny):
                 for k, name in enumerate(("color", "shape", "motion"))}
     return {"target_rate": sum(lab.get(attr) == target for lab in labels) / b,
             "shape_counts": {v: sum(lab.get(attr) == v for lab in labels) for v in (*values, None)},
-            "shape_acc": accuracy["shape"], "motion_acc": accuracy["motion"], "color_acc": accuracy["color"]}
+            "shape_acc": accuracy["shape"], "motion_acc": accuracy["motion"], "color_acc": accuracy["color"],
+            "step_ratio": ratios}
+
+
+def _extra(job, tiny):
+    extra = ["eval.batch_size=64", *job["sets"]]
+    if tiny:
+        extra += ["training.steps=3", "eval.steps=2", "training.sample_steps=3"]
+    return extra
 
 
 def erase_job(job, tiny, workdir):
     from toy_erase import check, run_one
 
-    extra = ["eval.batch_size=64", *job["sets"]]
-    if tiny:
-        extra += ["training.steps=3", "eval.steps=2", "training.sample_steps=3"]
-    row = run_one(job["concept"], job["seed"], workdir / job["id"], extra, spec=SPEC)
+    spec = ROOT / job.get("spec", SPEC)
+    row = run_one(job["concept"], job["seed"], workdir / job["id"], _extra(job, tiny), spec=spec)
     return {"summary": row["summary"], "train_s": row["train_s"], "eval_s": row["eval_s"],
             "checks": check(row["summary"], 0)}
+
+
+def probe_job(job, tiny, workdir):
+    """Where the target survives: training prompts against held-out ones, over several noise seeds."""
+    import time
+
+    from toy_erase import CONCEPTS, train_one
+
+    from t2vu.core.evaluate import load_for_generation
+    from t2vu.core.sampling import generate
+    from t2vu.toy.evaluation import attribute_of
+    from t2vu.toy.judges import judge_all
+    from t2vu.toy.world import World
+
+    world, target = World(), job["concept"]
+    index = {"color": 0, "shape": 1}[attribute_of(world, target)]
+    name = ("color", "shape")[index]
+    resolved, train_s = train_one(target, job["seed"], workdir / job["id"], _extra(job, tiny),
+                                  spec=ROOT / job.get("spec", SPEC))
+    start = time.perf_counter()
+    combos = world.combinations()
+    mine = [world.caption(*c) for c in combos if c[index] == target]
+    others = [(world.caption(*c), c) for c in combos if c[index] != target][::4]
+    prompts = mine + [p for p, _ in others]
+    backbone, _, embeds = load_for_generation(resolved, resolved.spec.output.dir / "eraser.safetensors", prompts)
+    trained = set(CONCEPTS[target])
+    count = {"trained": [0, 0], "heldout": [0, 0], "other_correct": [0, 0], "motion_correct": [0, 0]}
+    still = []
+    frames, size = world.frames, world.size
+    for seed in job.get("eval_seeds", [0, 1]):
+        videos = generate(backbone, embeds, prompts, [seed] * len(prompts), num_frames=frames, height=size,
+                          width=size, steps=2 if tiny else 25, guidance=5.0, batch_size=24)
+        for i, prompt in enumerate(prompts):
+            labels = judge_all(videos[i])
+            if i < len(mine):
+                group = count["trained" if prompt in trained else "heldout"]
+                group[0] += labels.get(name) == target
+                group[1] += 1
+                count["motion_correct"][0] += labels.get("motion") == prompt.split()[-1]
+                count["motion_correct"][1] += 1
+                if labels.get(name) == target:
+                    still.append([seed, prompt])
+            else:
+                combo = others[i - len(mine)][1]
+                count["other_correct"][0] += labels.get(name) == combo[index]
+                count["other_correct"][1] += 1
+    survived = count["trained"][0] + count["heldout"][0]
+    return {**{k: f"{a}/{b}" for k, (a, b) in count.items()},
+            "target_rate": round(survived / (count["trained"][1] + count["heldout"][1]), 3),
+            "still": still, "train_s": round(train_s, 1), "eval_s": round(time.perf_counter() - start, 1)}
+
+
+JOBS = {"teacher": lambda job, tiny, work: teacher_job(job, tiny), "erase": erase_job, "probe": probe_job}
 
 
 def worker(jobs_file, claim_dir, res_dir, tiny, deadline):
@@ -100,7 +170,7 @@ def worker(jobs_file, claim_dir, res_dir, tiny, deadline):
             continue
         t0 = time.time()
         try:
-            r = teacher_job(job, tiny) if job["kind"] == "teacher" else erase_job(job, tiny, work)
+            r = JOBS[job["kind"]](job, tiny, work)
             r.update(job=job, ok=True)
         except Exception:
             r = {"job": job, "ok": False, "error": traceback.format_exc()[-2000:]}
