@@ -72,14 +72,15 @@ def test_another_concept_needs_only_target_and_prompts(tmp_path, spec, target, p
 
 
 def test_shape_spec_uses_text_stream_adapters_and_an_anchor(tmp_path):
-    """The shape recipe's four differences from the colour one (docs/toy-world.md, "Erasing a shape")."""
+    """The shape recipe's differences from the colour one (docs/toy-world.md, "Erasing a shape")."""
     from t2vu.core.engine import gather_prompts
     from t2vu.core.spec import load_spec
 
     resolved = load_spec(SHAPE_SPEC, plugins.get_registry(), [f"output.dir={tmp_path}"])
     spec = resolved.spec
-    assert spec.eraser["streams"] == ["text"] and spec.concept.condition == "prompts"
-    assert spec.losses[1]["unconditional"] is True
+    assert spec.eraser["streams"] == ["video", "text"] and spec.concept.condition == "prompts"
+    assert spec.losses[0]["push_limit"] == 0.15 and spec.losses[1]["unconditional"] is True
+    assert spec.training.states == "erased_trajectory"
     prompts = gather_prompts(resolved)
     assert prompts.anchors["a red circle moving left"] == "a red shape moving left"
     assert set(prompts.unlearn) == set(spec.concept.prompt_list())  # no bare word
