@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 SPEC = ROOT / "examples" / "toy-erase-red.yaml"
 
 
-def teacher_job(job, tiny):
+def teacher_job(job, tiny, workdir=None):
     import torch
 
     from t2vu.core import plugins
@@ -86,18 +86,18 @@ def teacher_job(job, tiny):
             "step_ratio": ratios}
 
 
-def _extra(job, tiny):
+def _spec_args(job, tiny) -> dict:
+    """The spec (``job["spec"]``, default the colour spec) and extra overrides of an erase or probe job."""
     extra = ["eval.batch_size=64", *job["sets"]]
     if tiny:
         extra += ["training.steps=3", "eval.steps=2", "training.sample_steps=3"]
-    return extra
+    return {"extra": extra, "spec": ROOT / job.get("spec", SPEC)}
 
 
 def erase_job(job, tiny, workdir):
     from toy_erase import check, run_one
 
-    spec = ROOT / job.get("spec", SPEC)
-    row = run_one(job["concept"], job["seed"], workdir / job["id"], _extra(job, tiny), spec=spec)
+    row = run_one(job["concept"], job["seed"], workdir / job["id"], **_spec_args(job, tiny))
     return {"summary": row["summary"], "train_s": row["train_s"], "eval_s": row["eval_s"],
             "checks": check(row["summary"], 0)}
 
@@ -116,43 +116,39 @@ def probe_job(job, tiny, workdir):
 
     world, target = World(), job["concept"]
     index = {"color": 0, "shape": 1}[attribute_of(world, target)]
-    name = ("color", "shape")[index]
-    resolved, train_s = train_one(target, job["seed"], workdir / job["id"], _extra(job, tiny),
-                                  spec=ROOT / job.get("spec", SPEC))
+    resolved, train_s = train_one(target, job["seed"], workdir / job["id"], **_spec_args(job, tiny))
     start = time.perf_counter()
-    combos = world.combinations()
-    mine = [world.caption(*c) for c in combos if c[index] == target]
-    others = [(world.caption(*c), c) for c in combos if c[index] != target][::4]
-    prompts = mine + [p for p, _ in others]
-    backbone, _, embeds = load_for_generation(resolved, resolved.spec.output.dir / "eraser.safetensors", prompts)
     trained = set(CONCEPTS[target])
+    mine = [c for c in world.combinations() if c[index] == target]
+    others = [c for c in world.combinations() if c[index] != target][::4]
+    rows = [(world.caption(*c), c, "trained" if world.caption(*c) in trained else "heldout") for c in mine]
+    rows += [(world.caption(*c), c, "other") for c in others]
+    prompts = [p for p, _, _ in rows]
+    backbone, _, embeds = load_for_generation(resolved, resolved.spec.output.dir / "eraser.safetensors", prompts)
     count = {"trained": [0, 0], "heldout": [0, 0], "other_correct": [0, 0], "motion_correct": [0, 0]}
     still = []
-    frames, size = world.frames, world.size
     for seed in job.get("eval_seeds", [0, 1]):
-        videos = generate(backbone, embeds, prompts, [seed] * len(prompts), num_frames=frames, height=size,
-                          width=size, steps=2 if tiny else 25, guidance=5.0, batch_size=24)
-        for i, prompt in enumerate(prompts):
-            labels = judge_all(videos[i])
-            if i < len(mine):
-                group = count["trained" if prompt in trained else "heldout"]
-                group[0] += labels.get(name) == target
-                group[1] += 1
-                count["motion_correct"][0] += labels.get("motion") == prompt.split()[-1]
-                count["motion_correct"][1] += 1
-                if labels.get(name) == target:
-                    still.append([seed, prompt])
+        videos = generate(backbone, embeds, prompts, [seed] * len(prompts), num_frames=world.frames,
+                          height=world.size, width=world.size, steps=2 if tiny else 25, guidance=5.0, batch_size=24)
+        for video, (prompt, combo, group) in zip(videos, rows):
+            labels = judge_all(video)
+            value = labels.get(("color", "shape")[index])
+            if group == "other":
+                tally = [(count["other_correct"], value == combo[index])]
             else:
-                combo = others[i - len(mine)][1]
-                count["other_correct"][0] += labels.get(name) == combo[index]
-                count["other_correct"][1] += 1
+                tally = [(count[group], value == target), (count["motion_correct"], labels.get("motion") == combo[2])]
+                if value == target:
+                    still.append([seed, prompt])
+            for pair, hit in tally:
+                pair[0] += hit
+                pair[1] += 1
     survived = count["trained"][0] + count["heldout"][0]
     return {**{k: f"{a}/{b}" for k, (a, b) in count.items()},
             "target_rate": round(survived / (count["trained"][1] + count["heldout"][1]), 3),
             "still": still, "train_s": round(train_s, 1), "eval_s": round(time.perf_counter() - start, 1)}
 
 
-JOBS = {"teacher": lambda job, tiny, work: teacher_job(job, tiny), "erase": erase_job, "probe": probe_job}
+JOBS = {"teacher": teacher_job, "erase": erase_job, "probe": probe_job}
 
 
 def worker(jobs_file, claim_dir, res_dir, tiny, deadline):
