@@ -39,23 +39,31 @@ def _where(block: Resolved) -> str:
     return f"{block.path} ({block.name})"
 
 
+def _run_source(block: Resolved, target: str) -> list[str]:
+    """The concepts one source block gives for ``target``; its errors name the block."""
+    try:
+        return list(block.build().concepts(target))
+    except (T2VUError, ComponentUnavailable) as exc:
+        raise T2VUError(f"{_where(block)}: {exc}") from None
+
+
 def collect_preserved(blocks: list[Resolved], target: str) -> list[str]:
     """Run each preserved-concept source on ``target``; concatenate in order, de-duplicate,
     drop the target itself. Raises :class:`T2VUError` naming the failing block."""
-    results: list[list[str]] = []
-    for block in blocks:
-        try:
-            found = block.build().concepts(target)
-        except T2VUError as exc:
-            raise T2VUError(f"{_where(block)}: {exc}") from None
-        except ComponentUnavailable as exc:
-            raise T2VUError(f"{_where(block)}: {exc}") from None
-        results.append(list(found))
-    merged = _merge(results, drop=target)
+    merged = _merge([_run_source(block, target) for block in blocks], drop=target)
     if blocks and not merged:
         raise T2VUError(f"the preserved sources ({', '.join(_where(b) for b in blocks)}) yielded no "
                         f"concepts other than {target!r}")
     return merged
+
+
+def anchor_concept(block: Resolved, target: str) -> str:
+    """``concept.anchor`` given as a concept-source block: the first concept it gives other than ``target``."""
+    found = _merge([_run_source(block, target)], drop=target)
+    if not found:
+        raise T2VUError(f"{_where(block)} gave no concept other than {target!r} to anchor the target on; "
+                        "name the anchor text instead (concept.anchor: 'a person', 'shape', ...)")
+    return found[0]
 
 
 def augment_prompts(blocks: list[Resolved], target: str, prompts: list[str]) -> list[str]:

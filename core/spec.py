@@ -70,10 +70,12 @@ class ConceptSpec(_Strict):
     condition: Literal["concept", "prompts", "mix"] = Field(
         "mix", description="Condition of the unlearning term: the bare concept text, the target "
         "prompts, or each half the time (mix; the bare concept alone when there are no prompts).")
-    anchor: Optional[str] = Field(
+    anchor: Optional[Union[str, dict[str, Any]]] = Field(
         None, description="Guide away from the concept relative to the same prompt with the concept "
         "replaced by this text ('' deletes it), instead of relative to the empty prompt; e.g. 'shape' "
-        "turns 'a red square moving left' into 'a red shape moving left'.")
+        "turns 'a red square moving left' into 'a red shape moving left'. A concept-source block "
+        "({source: NAME, ...options}, as in 'preserved:') uses the first concept that source gives for "
+        "the target, so the anchor follows concept.target (toy_siblings: 'square' for 'circle').")
 
     def prompt_list(self) -> list[str]:
         """The target prompts: the inline list, or the file's lines ('#' comments dropped)."""
@@ -217,6 +219,7 @@ class ResolvedSpec:
     source: Optional[Path] = None
     raw: dict[str, Any] = field(default_factory=dict)
     eval_prompts: Optional[Resolved] = None  # a prompt-set generator block, when eval.prompts is one
+    anchor_source: Optional[Resolved] = None  # a concept-source block, when concept.anchor is one
     judges: list[Resolved] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -530,6 +533,9 @@ def validate(doc: SpecDocument, registry: Registry) -> ResolvedSpec:
             resolved[section] = _phase2_block(registry, kind, key, value, (section,), doc, problems)
 
     eval_prompts, judges = _phase2_eval(registry, data.get("eval"), doc, problems)
+    anchor = data.get("concept", {}).get("anchor") if isinstance(data.get("concept"), dict) else None
+    anchor_source = (_phase2_block(registry, "concept_source", "source", anchor, ("concept", "anchor"), doc, problems)
+                     if isinstance(anchor, dict) else None)
     if spec is not None and not problems:
         problems.extend(_cross_checks(spec, resolved, doc))
     if problems:
@@ -538,7 +544,7 @@ def validate(doc: SpecDocument, registry: Registry) -> ResolvedSpec:
     return ResolvedSpec(
         spec=spec, backbone=resolved["backbone"], eraser=resolved["eraser"],
         losses=resolved["losses"], preserved=resolved["preserved"], augment=resolved["augment"],
-        source=doc.source, raw=data, eval_prompts=eval_prompts, judges=judges,
+        source=doc.source, raw=data, eval_prompts=eval_prompts, judges=judges, anchor_source=anchor_source,
     )
 
 
@@ -620,6 +626,10 @@ def json_schema(registry: Registry) -> dict[str, Any]:
 
     backbone, eraser, loss, source, augmenter = (union_for(*k) for k in COMPONENT_SECTIONS.values())
     generator, judge = union_for("prompt_set", "generator"), union_for("evaluator", "name")
+    concept_model = create_model(
+        "ConceptSpec", __base__=ConceptSpec,
+        anchor=(Optional[Union[str, source]], Field(None, description=ConceptSpec.model_fields["anchor"].description)),
+    )
     eval_model = create_model(
         "EvalSpec", __base__=EvalSpec,
         prompts=(Union[str, list[str], generator], ...),
@@ -628,6 +638,7 @@ def json_schema(registry: Registry) -> dict[str, Any]:
     model = create_model(
         "RunSpec", __base__=RunSpec,
         backbone=(backbone, ...),
+        concept=(concept_model, ...),
         eraser=(eraser, Field(default_factory=lambda: {"name": "adapter"})),
         preserved=(Optional[Union[source, list[source]]], None),
         augment=(list[augmenter], Field(default_factory=list)),

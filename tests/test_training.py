@@ -61,6 +61,21 @@ def test_anchor_prompts_are_recorded_and_checked(tmp_path, tiny_folder):
     assert set(json.loads((tmp_path / "plain" / "prompts.json").read_text())["anchors"].values()) == {""}
 
 
+def test_anchor_from_a_concept_source_follows_the_target(tmp_path, tiny_folder):
+    """concept.anchor as a concept-source block: its first concept other than the target is the anchor; a
+    source with nothing else to give stops the run before anything is written; a bad block is a spec error."""
+    spec = write(tmp_path, tiny_folder, steps=2, condition="concept")
+    source = "concept.anchor={source: list, concepts: [Nudity, clothing, skin]}"
+    r = runner.invoke(app, ["run", str(spec), "--set", source])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "run" / "prompts.json").read_text())["anchors"]["nudity"] == "clothing"
+    bad = write(tmp_path, tiny_folder, out="bad", steps=2, condition="concept")
+    r = runner.invoke(app, ["run", str(bad), "--set", "concept.anchor={source: list, concepts: [nudity]}"])
+    assert r.exit_code != 0 and "gave no concept other than 'nudity'" in r.output and not (tmp_path / "bad").exists()
+    r = runner.invoke(app, ["run", str(bad), "--set", "concept.anchor={source: lists}"])
+    assert r.exit_code != 0 and "concept.anchor.source" in r.output and "unknown concept source" in r.output
+
+
 def test_text_stream_erasers_train_and_localization_needs_video(tmp_path, tiny_folder):
     """eraser.streams [video, text]: trains with all three terms (text sites are not in the localization
     term) and saves both kinds of site; [text] with the localization term stops before writing anything."""
