@@ -12,7 +12,9 @@ Each job of the JSON list is one of
   target perfectly would draw; ``step_ratio`` is the mean ``|v(c) - v(a)| / |v(a)|`` at sampler steps 0, 5, 12;
 - ``{"kind": "probe", "concept", "seed", "sets", "spec", "eval_seeds"}``: train one eraser and judge every
   combination of the target (its training prompts and the held-out ones, counted apart) and every fourth
-  prompt of the other values, from each of ``eval_seeds``.
+  prompt of the other values, from each of ``eval_seeds``; with ``"fit": true`` also how much of the loss's
+  teacher step the eraser reaches along its own sampling trajectories (``push_reached``, per sampler step);
+  with ``"teacher_steps": [0, 1, ...]`` the target's prompts are sampled with the teacher at those steps.
 
 Workers claim jobs through files in /tmp/sweepclaims, so any number can run; results are collected into
 $OUT/results.jsonl every 10 s (a killed run still returns what finished). TINY=1 shortens everything (a
@@ -124,12 +126,17 @@ def probe_job(job, tiny, workdir):
     rows = [(world.caption(*c), c, "trained" if world.caption(*c) in trained else "heldout") for c in mine]
     rows += [(world.caption(*c), c, "other") for c in others]
     prompts = [p for p, _, _ in rows]
-    backbone, _, embeds = load_for_generation(resolved, resolved.spec.output.dir / "eraser.safetensors", prompts)
+    backbone, handle, embeds = load_for_generation(resolved, resolved.spec.output.dir / "eraser.safetensors", prompts)
     count = {"trained": [0, 0], "heldout": [0, 0], "other_correct": [0, 0], "motion_correct": [0, 0]}
-    still = []
+    still, fit = [], []
     for seed in job.get("eval_seeds", [0, 1]):
-        videos = generate(backbone, embeds, prompts, [seed] * len(prompts), num_frames=world.frames,
-                          height=world.size, width=world.size, steps=2 if tiny else 25, guidance=5.0, batch_size=24)
+        if job.get("fit") or job.get("teacher_steps"):
+            videos = _fit_sample(resolved, backbone, handle.erasers, embeds, rows, seed, 2 if tiny else 25, fit,
+                                 set(job.get("teacher_steps", [])))
+        else:
+            videos = generate(backbone, embeds, prompts, [seed] * len(prompts), num_frames=world.frames,
+                              height=world.size, width=world.size, steps=2 if tiny else 25, guidance=5.0,
+                              batch_size=24)
         for video, (prompt, combo, group) in zip(videos, rows):
             labels = judge_all(video)
             value = labels.get(("color", "shape")[index])
@@ -143,9 +150,60 @@ def probe_job(job, tiny, workdir):
                 pair[0] += hit
                 pair[1] += 1
     survived = count["trained"][0] + count["heldout"][0]
-    return {**{k: f"{a}/{b}" for k, (a, b) in count.items()},
+    if fit:  # mean share of the teacher's push reached at each sampler step, surviving and erased apart
+        survivors = [tuple(s) for s in still]
+        fit = {name: [round(sum(col) / len(col), 3) for col in zip(*rows)] if rows else []
+               for name, rows in (("surviving", [f for key, f in fit if key in survivors]),
+                                  ("erased", [f for key, f in fit if key not in survivors]))}
+    return {**{k: f"{a}/{b}" for k, (a, b) in count.items()}, **({"push_reached": fit} if fit else {}),
             "target_rate": round(survived / (count["trained"][1] + count["heldout"][1]), 3),
             "still": still, "train_s": round(train_s, 1), "eval_s": round(time.perf_counter() - start, 1)}
+
+
+def _fit_sample(resolved, backbone, erasers, embeds, rows, seed, steps, fit, teacher_steps=frozenset()):
+    """Sample the target's prompts of ``rows`` with the eraser (CFG 5) as generate() does, and append to ``fit``
+    one ``((seed, prompt), [share per step])`` each: the projection of the eraser's change of the conditional
+    prediction on the loss's teacher step ``T - v*(c)``, divided by its length squared (1: the eraser reaches
+    the teacher, 0: it changes nothing along it). At the sampler steps in ``teacher_steps`` the target's
+    prompts take the teacher ``T`` itself instead of the eraser's prediction (which steps decide a survivor).
+    Returns the videos of every row (the other rows sampled with the eraser throughout)."""
+    import torch
+
+    from t2vu.core.engine import anchor_prompt
+    from t2vu.core.sampling import initial_noise
+    from t2vu.losses.terms import guided_away
+    from t2vu.toy.world import World
+
+    world, concept = World(), resolved.spec.concept
+    loss = next(x.options for x in resolved.losses if x.name == "negative_guidance")
+    prompts = [p for p, _, _ in rows]
+    mine = [i for i, (_, _, group) in enumerate(rows) if group != "other"]
+    anchor_of = [anchor_prompt(prompts[i], concept.target, concept.anchor) for i in mine]
+    anchor_embeds = backbone.encode_prompts(anchor_of)
+    b, m = len(rows), len(mine)
+    cond = torch.stack([embeds[p] for p in prompts])
+    uncond = torch.stack([embeds[""]] * b)
+    anchor = torch.stack([anchor_embeds[a] for a in anchor_of])
+    x = torch.stack([initial_noise(backbone.latent_shape(world.frames, world.size, world.size), seed)] * b)
+    x = x.to(backbone.device)
+    ts = backbone.sampler_timesteps(steps)
+    shares = []
+    with torch.no_grad():
+        for i, t in enumerate(ts):
+            tt = t.repeat(b)
+            vu, vc = backbone.predict(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([uncond, cond])).chunk(2)
+            with erasers.disabled():
+                frozen_c, frozen_a = backbone.predict(torch.cat([x[mine], x[mine]]), torch.cat([tt[:m], tt[:m]]),
+                                                      torch.cat([cond[mine], anchor])).chunk(2)
+            step = (guided_away(frozen_a, frozen_c, loss.eta, loss.push_limit) - frozen_c).flatten(1)
+            shares.append(((vc[mine] - frozen_c).flatten(1) * step).sum(1) / (step * step).sum(1))
+            if i in teacher_steps:
+                vc[mine] = frozen_c + step.view_as(frozen_c)
+            t_prev = ts[i + 1].repeat(b) if i + 1 < len(ts) else None
+            x = backbone.sampler_step(vu + 5.0 * (vc - vu), tt, t_prev, x)
+    per_row = torch.stack(shares, 1).tolist()
+    fit.extend(((seed, prompts[i]), per_row[k]) for k, i in enumerate(mine))
+    return backbone.decode(x).float().cpu()
 
 
 JOBS = {"teacher": teacher_job, "erase": erase_job, "probe": probe_job}
