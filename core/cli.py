@@ -120,7 +120,9 @@ def print_plan(resolved) -> None:
     s = resolved.spec
     prompts = s.concept.prompts
     prompts_text = f"{len(prompts)} inline prompts" if isinstance(prompts, list) else (str(prompts) if prompts else "the bare concept")
-    console.print(f"concept: [bold]{s.concept.target}[/] ({prompts_text})")
+    anchor = s.concept.anchor
+    anchor_text = "" if anchor is None or isinstance(anchor, dict) else f", anchor {anchor!r}"
+    console.print(f"concept: [bold]{s.concept.target}[/] ({prompts_text}{anchor_text})")
     t = s.training
     console.print(f"training: {t.steps} steps, batch {t.batch_size}, lr {t.learning_rate}, "
                   f"{t.num_frames}x{t.height}x{t.width}, seed {t.seed}")

@@ -244,7 +244,8 @@ class ResolvedSpec:
         return out
 
     def components(self) -> list[Resolved]:
-        return [self.backbone, self.eraser, *self.preserved, *self.augment, *self.losses]
+        anchor = [self.anchor_source] if self.anchor_source is not None else []
+        return [self.backbone, self.eraser, *anchor, *self.preserved, *self.augment, *self.losses]
 
 
 # -- paths, lines ------------------------------------------------------------------

@@ -66,6 +66,8 @@ def test_anchor_from_a_concept_source_follows_the_target(tmp_path, tiny_folder):
     source with nothing else to give stops the run before anything is written; a bad block is a spec error."""
     spec = write(tmp_path, tiny_folder, steps=2, condition="concept")
     source = "concept.anchor={source: list, concepts: [Nudity, clothing, skin]}"
+    r = runner.invoke(app, ["run", str(spec), "--dry-run", "--set", source])
+    assert r.exit_code == 0 and "concept.anchor" in r.output  # the plan lists the anchor's source
     r = runner.invoke(app, ["run", str(spec), "--set", source])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "run" / "prompts.json").read_text())["anchors"]["nudity"] == "clothing"
