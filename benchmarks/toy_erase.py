@@ -36,11 +36,12 @@ CONCEPTS = {
     "red": ["a red circle moving left", "a red square moving up", "a red triangle moving right"],
     "blue": ["a blue circle moving left", "a blue square moving up", "a blue triangle moving right"],
     "green": ["a green circle moving down", "a green square moving right", "a green triangle moving left"],
-    # a shape's prompts (examples/toy-erase-circle.yaml's, shape swapped): one per colour, so the
-    # eval holds out 18 of the 24 combinations
-    **{shape: [f"a {c} {shape} moving {d}" for c, d in zip(
-        ("red", "orange", "yellow", "green", "blue", "magenta"), ("left", "up", "right", "down", "left", "up"))]
-       for shape in ("square", "triangle", "circle")},
+    # a shape's prompts (examples/toy-erase-circle.yaml's, shape swapped): two per colour, three per
+    # direction, so the eval holds out 12 of the 24 combinations
+    **{shape: [f"a {c} {shape} moving {d}" for c, pair in zip(
+        ("red", "orange", "yellow", "green", "blue", "magenta"),
+        (("left", "right"), ("up", "down"), ("down", "up"), ("left", "right"), ("right", "left"), ("down", "up")))
+        for d in pair] for shape in ("square", "triangle", "circle")},
 }
 
 

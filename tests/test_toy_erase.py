@@ -82,8 +82,13 @@ def test_shape_spec_uses_text_stream_adapters_and_an_anchor(tmp_path):
     assert spec.losses[0]["push_limit"] == 0.15 and spec.losses[1]["unconditional"] is True
     assert spec.training.states == "erased_trajectory"
     prompts = gather_prompts(resolved)
-    assert prompts.anchors["a red circle moving left"] == "a red shape moving left"
+    assert prompts.anchors["a red circle moving left"] == "a red square moving left"  # the first sibling
     assert set(prompts.unlearn) == set(spec.concept.prompt_list())  # no bare word
+    assert len(spec.concept.prompt_list()) == 12 and len(spec.eval.seeds) == 4
+    # the anchor follows the target: another shape changes only concept.target and concept.prompts
+    square = load_spec(SHAPE_SPEC, plugins.get_registry(), [
+        f"output.dir={tmp_path}", "concept.target=square", "concept.prompts=[a blue square moving up]"])
+    assert gather_prompts(square).anchors == {"a blue square moving up": "a blue circle moving up"}
 
 
 def test_shape_target_metrics_do_not_count_erasing_as_shape_damage():
