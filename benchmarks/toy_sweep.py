@@ -152,9 +152,9 @@ def probe_job(job, tiny, workdir):
     survived = count["trained"][0] + count["heldout"][0]
     if fit:  # mean share of the teacher's push reached at each sampler step, surviving and erased apart
         survivors = [tuple(s) for s in still]
-        fit = {name: [round(sum(col) / len(col), 3) for col in zip(*rows)] if rows else []
-               for name, rows in (("surviving", [f for key, f in fit if key in survivors]),
-                                  ("erased", [f for key, f in fit if key not in survivors]))}
+        fit = {name: [round(sum(col) / len(col), 3) for col in zip(*shares)] if shares else []
+               for name, shares in (("surviving", [f for key, f in fit if key in survivors]),
+                                    ("erased", [f for key, f in fit if key not in survivors]))}
     return {**{k: f"{a}/{b}" for k, (a, b) in count.items()}, **({"push_reached": fit} if fit else {}),
             "target_rate": round(survived / (count["trained"][1] + count["heldout"][1]), 3),
             "still": still, "train_s": round(train_s, 1), "eval_s": round(time.perf_counter() - start, 1)}
