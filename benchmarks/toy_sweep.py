@@ -169,7 +169,7 @@ def _fit_sample(resolved, backbone, erasers, embeds, rows, seed, steps, fit, tea
     Returns the videos of every row (the other rows sampled with the eraser throughout)."""
     import torch
 
-    from t2vu.core.concepts import anchor_concept
+    from t2vu.core.concepts import anchor_text
     from t2vu.core.engine import anchor_prompt
     from t2vu.core.sampling import initial_noise
     from t2vu.losses.terms import guided_away
@@ -179,7 +179,7 @@ def _fit_sample(resolved, backbone, erasers, embeds, rows, seed, steps, fit, tea
     loss = next(x.options for x in resolved.losses if x.name == "negative_guidance")
     prompts = [p for p, _, _ in rows]
     mine = [i for i, (_, _, group) in enumerate(rows) if group != "other"]
-    word = anchor_concept(resolved.anchor_source, concept.target) if resolved.anchor_source else concept.anchor
+    word = anchor_text(resolved)  # runs the anchor's source, if any, once
     anchor_of = [anchor_prompt(prompts[i], concept.target, word) for i in mine]
     anchor_embeds = backbone.encode_prompts(anchor_of)
     b, m = len(rows), len(mine)

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Optional
 
 from t2vu.core.errors import T2VUError
 from t2vu.core.registry import ComponentUnavailable, Registry
-from t2vu.core.spec import Problem, Resolved, SpecDocument, SpecError, apply_overrides
+from t2vu.core.spec import Problem, Resolved, ResolvedSpec, SpecDocument, SpecError, apply_overrides
 
 
 def _key(text: str) -> str:
@@ -57,8 +57,15 @@ def collect_preserved(blocks: list[Resolved], target: str) -> list[str]:
     return merged
 
 
-def anchor_concept(block: Resolved, target: str) -> str:
-    """``concept.anchor`` given as a concept-source block: the first concept it gives other than ``target``."""
+def anchor_text(resolved: ResolvedSpec) -> Optional[str]:
+    """What replaces the target in the anchor prompts: ``concept.anchor`` as written, or, when it is a
+    concept-source block, the first concept that source gives other than the target; ``None``: no anchor
+    (the unlearning term is guided relative to the empty prompt)."""
+    concept = resolved.spec.concept
+    block = resolved.anchor_source
+    if block is None:
+        return concept.anchor
+    target = concept.target.strip()
     found = _merge([_run_source(block, target)], drop=target)
     if not found:
         raise T2VUError(f"{_where(block)} gave no concept other than {target!r} to anchor the target on; "

@@ -54,7 +54,7 @@ def check_output_dir(resolved: ResolvedSpec) -> Path:
 
 
 def gather_prompts(resolved: ResolvedSpec) -> Prompts:
-    from t2vu.core.concepts import anchor_concept, augment_prompts, collect_preserved
+    from t2vu.core.concepts import anchor_text, augment_prompts, collect_preserved
 
     concept = resolved.spec.concept
     target = concept.target.strip()
@@ -67,7 +67,7 @@ def gather_prompts(resolved: ResolvedSpec) -> Prompts:
     preserved = collect_preserved(resolved.preserved, target) if resolved.preserved else []
     if any(getattr(loss.options, "requires_preserved", False) for loss in resolved.losses) and not preserved:
         raise T2VUError("the preserved sources yielded no concepts, but a loss term needs them")
-    anchor = anchor_concept(resolved.anchor_source, target) if resolved.anchor_source else concept.anchor
+    anchor = anchor_text(resolved)
     anchors = {p: anchor_prompt(p, target, anchor) for p in dict.fromkeys(unlearn)}
     missing = [p for p, a in anchors.items() if a == p] if anchor is not None else []
     if missing:

@@ -534,7 +534,8 @@ def validate(doc: SpecDocument, registry: Registry) -> ResolvedSpec:
             resolved[section] = _phase2_block(registry, kind, key, value, (section,), doc, problems)
 
     eval_prompts, judges = _phase2_eval(registry, data.get("eval"), doc, problems)
-    anchor = data.get("concept", {}).get("anchor") if isinstance(data.get("concept"), dict) else None
+    concept = data.get("concept")
+    anchor = concept.get("anchor") if isinstance(concept, dict) else None
     anchor_source = (_phase2_block(registry, "concept_source", "source", anchor, ("concept", "anchor"), doc, problems)
                      if isinstance(anchor, dict) else None)
     if spec is not None and not problems:
