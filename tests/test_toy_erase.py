@@ -80,6 +80,7 @@ def test_shape_spec_uses_text_stream_adapters_and_an_anchor(tmp_path):
     spec = resolved.spec
     assert spec.eraser["streams"] == ["video", "text"] and spec.concept.condition == "prompts"
     assert spec.losses[0]["push_limit"] == 0.15 and spec.losses[1]["unconditional"] is True
+    assert spec.losses[1]["weight"] == 3.0  # a lighter hold than the colours' 10
     assert spec.training.states == "erased_trajectory"
     prompts = gather_prompts(resolved)
     assert prompts.anchors["a red circle moving left"] == "a red square moving left"  # the first sibling
