@@ -106,6 +106,10 @@ class TrainingSpec(_Strict):
     refresh_every: int = Field(50, gt=0, description="Trajectory states: sample new trajectories every N steps.")
     sample_steps: int = Field(50, gt=1, description="Trajectory states: sampler steps per trajectory.")
     guidance_scale: float = Field(6.0, ge=1, description="Trajectory states: classifier-free guidance scale.")
+    stream_start: dict[Literal["video", "text"], Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict, description="Eraser stream -> the step it starts at; before it that stream's "
+        "adapters are off (no change, no gradient), e.g. {text: 100}: the video adapters first learn alone "
+        "what they can erase, so it does not hang on the target's words.")
     log_every: int = Field(1, gt=0)
 
 

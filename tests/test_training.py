@@ -94,6 +94,42 @@ def test_text_stream_erasers_train_and_localization_needs_video(tmp_path, tiny_f
     assert not (tmp_path / "text-only").exists()
 
 
+def test_stream_start_holds_a_stream_off_until_its_step(tmp_path, tiny_folder):
+    """training.stream_start {text: 2}: the text adapters change nothing and get no gradient in steps 0-1 (their
+    zero-initialised up-projections stay zero while the video ones train), then train; a stream the eraser lacks,
+    or one that would start after the last step, stops the run before anything is written."""
+    from t2vu.core.eraser_io import read_eraser
+
+    spec = write(tmp_path, tiny_folder, steps=4, ckpt=1)
+    r = runner.invoke(app, ["run", str(spec), "--set", "eraser.streams=[video, text]",
+                            "--set", "training.stream_start={text: 2}"])
+    assert r.exit_code == 0, r.output
+
+    def ups(path):
+        tensors = read_eraser(path).tensors
+        text = [v for k, v in tensors.items() if k.endswith(".text.up.weight")]
+        video = [v for k, v in tensors.items() if k.endswith(".up.weight") and ".text." not in k]
+        assert text and video
+        return max(float(t.abs().max()) for t in text), max(float(t.abs().max()) for t in video)
+
+    out = tmp_path / "run"
+    for step in (1, 2):  # after steps 0 and 0-1
+        text, video = ups(out / f"checkpoints/step-{step:06d}/eraser.safetensors")
+        assert text == 0.0 and video > 0.0
+    text, video = ups(out / "eraser.safetensors")
+    assert text > 0.0 and video > 0.0
+    for out_name, sets, message in [
+        ("no-text", ["training.stream_start={text: 1}"], "the eraser has no 'text' adapters"),
+        ("too-late", ["eraser.streams=[video, text]", "training.stream_start={text: 4}"], "would never train"),
+    ]:
+        bad = write(tmp_path, tiny_folder, out=out_name, steps=4)
+        r = runner.invoke(app, ["run", str(bad), *[a for s in sets for a in ("--set", s)]])
+        assert r.exit_code != 0 and message in r.output, r.output
+        assert not (tmp_path / out_name).exists()
+    r = runner.invoke(app, ["run", str(spec), "--dry-run", "--set", "training.stream_start={audio: 1}"])
+    assert r.exit_code != 0 and "stream_start" in r.output
+
+
 def test_run_writes_a_loadable_eraser_and_refuses_to_overwrite(tmp_path, tiny_folder):
     spec = write(tmp_path, tiny_folder, steps=4, ckpt=2)
     r = runner.invoke(app, ["run", str(spec)])
