@@ -87,7 +87,9 @@ class LocalizationLoss:
         return concept_mask(attention, self.options.threshold).flatten(1)
 
     def __call__(self, ctx) -> torch.Tensor:
-        outside = 1.0 - self.mask(ctx)
         outputs = ctx.eraser_outputs(TARGET)
+        if not outputs:  # no video eraser acted this step (training.stream_start holds them off): nothing to keep in
+            return ctx.x_t.new_zeros(())
+        outside = 1.0 - self.mask(ctx)
         terms = [(o.float() * outside.to(o.device)[..., None]).pow(2).mean() for o in outputs.values()]
         return torch.stack(terms).mean()

@@ -128,6 +128,13 @@ def test_stream_start_holds_a_stream_off_until_its_step(tmp_path, tiny_folder):
         assert not (tmp_path / out_name).exists()
     r = runner.invoke(app, ["run", str(spec), "--dry-run", "--set", "training.stream_start={audio: 1}"])
     assert r.exit_code != 0 and "stream_start" in r.output
+    # video adapters held off: the localization term (it reads their outputs) has nothing to penalise
+    late = write(tmp_path, tiny_folder, out="video-late", steps=3)
+    r = runner.invoke(app, ["run", str(late), "--set", "eraser.streams=[video, text]",
+                            "--set", "training.stream_start={video: 1}"])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in (tmp_path / "video-late" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[2]["localization"] > 0.0  # on from step 1 (whose adapters still start at zero)
 
 
 def test_run_writes_a_loadable_eraser_and_refuses_to_overwrite(tmp_path, tiny_folder):
