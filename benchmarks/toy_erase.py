@@ -12,6 +12,7 @@ benchmarks/results/toy_erase.json. Targets (issue: toy world):
 
     python benchmarks/toy_erase.py                     # red, blue, green, square, triangle, circle x seeds 0, 1
     python benchmarks/toy_erase.py --concepts red --seeds 0
+    python benchmarks/toy_erase.py --spec examples/toy-erase-any.yaml      # one spec for colours and shapes
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ def main() -> int:
     parser.add_argument("--concepts", nargs="+", default=list(CONCEPTS), choices=list(CONCEPTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--set", dest="sets", action="append", default=[], help="extra spec override")
+    parser.add_argument("--spec", type=Path, default=None,
+                        help="one spec for every concept (default: the example spec of each concept's attribute)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -114,7 +117,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for concept in args.concepts:
             for seed in args.seeds:
-                row = run_one(concept, seed, Path(tmp), args.sets)
+                row = run_one(concept, seed, Path(tmp), args.sets, args.spec and args.spec.resolve())
                 row["checks"] = check(row["summary"], row["total_s"])
                 rows.append(row)
                 print_row(row)
@@ -122,7 +125,7 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "machine": platform.platform(), "cpu_threads": 1,
-        "overrides": args.sets, "rows": rows,
+        "overrides": args.sets, "spec": args.spec and str(args.spec), "rows": rows,
         "all_checks_met": all(all(r["checks"].values()) for r in rows)}, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0 if all(all(r["checks"].values()) for r in rows) else 1

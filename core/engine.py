@@ -162,7 +162,7 @@ def train(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict
         for step in range(tr.steps):
             b = tr.batch_size
             waiting = {stream for stream, start in tr.stream_start.items() if step < start}
-            # streams not started yet are off for the whole step: its states and its loss
+            # streams not started yet are off for the whole step: the states it samples and its loss
             with erasers.streams_off(waiting) if waiting else contextlib.nullcontext():
                 trajectory_prompts = [rng.choice(prompts.target_prompts or prompts.unlearn) for _ in range(b)]
                 states = state_source.next(step, trajectory_prompts)

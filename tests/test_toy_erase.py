@@ -13,6 +13,7 @@ runner = CliRunner()
 
 SPEC = "examples/toy-erase-red.yaml"
 SHAPE_SPEC = "examples/toy-erase-circle.yaml"
+ANY_SPEC = "examples/toy-erase-any.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,8 @@ def test_eval_prompts_hold_out_the_erasers_training_prompts(report):
 @pytest.mark.parametrize("spec, target, prompt, siblings", [
     (SPEC, "blue", "a blue circle moving up", ["red", "orange", "yellow", "green", "magenta"]),
     (SHAPE_SPEC, "square", "a blue square moving up", ["circle", "triangle"]),
+    (ANY_SPEC, "red", "a red circle moving left", ["orange", "yellow", "green", "blue", "magenta"]),
+    (ANY_SPEC, "triangle", "a red triangle moving left", ["circle", "square"]),
 ])
 def test_another_concept_needs_only_target_and_prompts(tmp_path, spec, target, prompt, siblings):
     r = runner.invoke(app, ["run", spec, "--dry-run", "--set", f"concept.target={target}", "--set",
@@ -90,6 +93,24 @@ def test_shape_spec_uses_text_stream_adapters_and_an_anchor(tmp_path):
     square = load_spec(SHAPE_SPEC, plugins.get_registry(), [
         f"output.dir={tmp_path}", "concept.target=square", "concept.prompts=[a blue square moving up]"])
     assert gather_prompts(square).anchors == {"a blue square moving up": "a blue circle moving up"}
+
+
+def test_any_spec_is_the_shape_spec_with_late_text_adapters(tmp_path):
+    """examples/toy-erase-any.yaml: the shape recipe, text adapters from step 150 of 500, two eval noise seeds; a
+    colour target takes its anchor from the other colours."""
+    from t2vu.core.engine import gather_prompts
+    from t2vu.core.spec import load_spec
+
+    registry = plugins.get_registry()
+    shape = load_spec(SHAPE_SPEC, registry, [f"output.dir={tmp_path}"]).spec.model_dump()
+    any_ = load_spec(ANY_SPEC, registry, [f"output.dir={tmp_path}"]).spec.model_dump()
+    assert any_["training"].pop("stream_start") == {"text": 150} and not shape["training"].pop("stream_start")
+    assert any_["eval"].pop("seeds") == [0, 1] and shape["eval"].pop("seeds") == [0, 1, 2, 3]
+    assert any_["training"].pop("steps") == 500 and shape["training"].pop("steps") == 400
+    assert any_ == shape
+    red = load_spec(ANY_SPEC, registry, [f"output.dir={tmp_path}", "concept.target=red",
+                                         "concept.prompts=[a red circle moving left]"])
+    assert gather_prompts(red).anchors == {"a red circle moving left": "a orange circle moving left"}
 
 
 def test_shape_target_metrics_do_not_count_erasing_as_shape_damage():
