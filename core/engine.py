@@ -8,7 +8,6 @@ pass per step, see :mod:`t2vu.core.context`) -> loss terms -> eraser update ->
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -146,7 +145,8 @@ def train(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict
         raise T2VUError("a loss term (localization) penalises the erasers' video outputs, but no eraser edits "
                         "the video (eraser.streams has no 'video'); add 'video' or drop that term")
 
-    _check_stream_start(tr, erasers)
+    mine = set(erasers.site_names)
+    _check_stream_start(tr, erasers, {getattr(site, "stream", "video") for site in sites if site.name in mine})
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "prompts.json").write_text(json.dumps(
@@ -161,26 +161,25 @@ def train(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict
     try:
         for step in range(tr.steps):
             b = tr.batch_size
-            waiting = {stream for stream, start in tr.stream_start.items() if step < start}
-            # streams not started yet are off for the whole step: the states it samples and its loss
-            with erasers.streams_off(waiting) if waiting else contextlib.nullcontext():
-                trajectory_prompts = [rng.choice(prompts.target_prompts or prompts.unlearn) for _ in range(b)]
-                states = state_source.next(step, trajectory_prompts)
-                conds = {UNCOND: [""] * b,
-                         TARGET: [_unlearn_prompt(condition, prompts, s, rng) for s in states.prompts]}
-                conds[ANCHOR] = [prompts.anchors[p] for p in conds[TARGET]]
-                if prompts.preserved:
-                    conds[PRESERVED] = [rng.choice(prompts.preserved) for _ in range(b)]
-                ctx = StepContext(backbone, erasers, states.x_t, states.t, conds, embed,
-                                  token_masks={TARGET: torch.stack([masks[p] for p in conds[TARGET]])})
-                if states.teacher:
-                    ctx.seed_frozen(UNCOND, states.teacher["uncond"])
-                    if conds[TARGET] == states.prompts:  # the sampler's conditional pass is this condition
-                        ctx.seed_frozen(TARGET, states.teacher["cond"])
-                ctx.prefetch(needs)
-                terms = {r.name: loss(ctx) for r, loss in losses}
-                total = sum(r.options.weight * terms[r.name] for r, _ in losses)
-                accelerator.backward(total)
+            if tr.stream_start:  # streams not started yet are off for the whole step: its states and its loss
+                erasers.switch_off({stream for stream, start in tr.stream_start.items() if step < start})
+            trajectory_prompts = [rng.choice(prompts.target_prompts or prompts.unlearn) for _ in range(b)]
+            states = state_source.next(step, trajectory_prompts)
+            conds = {UNCOND: [""] * b,
+                     TARGET: [_unlearn_prompt(condition, prompts, s, rng) for s in states.prompts]}
+            conds[ANCHOR] = [prompts.anchors[p] for p in conds[TARGET]]
+            if prompts.preserved:
+                conds[PRESERVED] = [rng.choice(prompts.preserved) for _ in range(b)]
+            ctx = StepContext(backbone, erasers, states.x_t, states.t, conds, embed,
+                              token_masks={TARGET: torch.stack([masks[p] for p in conds[TARGET]])})
+            if states.teacher:
+                ctx.seed_frozen(UNCOND, states.teacher["uncond"])
+                if conds[TARGET] == states.prompts:  # the sampler's conditional pass is this condition
+                    ctx.seed_frozen(TARGET, states.teacher["cond"])
+            ctx.prefetch(needs)
+            terms = {r.name: loss(ctx) for r, loss in losses}
+            total = sum(r.options.weight * terms[r.name] for r, _ in losses)
+            accelerator.backward(total)
             if accelerator.num_processes > 1:
                 for p in params:
                     if p.grad is not None:
@@ -213,27 +212,22 @@ def train(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict
     return RunResult(path, history)
 
 
-def _check_stream_start(tr, erasers) -> None:
-    """``training.stream_start`` names streams this eraser has, each starting before the last step."""
-    if not tr.stream_start:
-        return
-    if not hasattr(erasers, "streams_off"):
-        erasers.detach()
-        kind = getattr(erasers, "eraser_type", "?")
-        raise T2VUError(f"training.stream_start: the {kind!r} eraser cannot switch streams off; "
-                        "remove training.stream_start")
-    have = set(erasers.site_streams.values())
+def _check_stream_start(tr, erasers, streams: set[str]) -> None:
+    """``training.stream_start`` names ``streams`` the eraser has, each starting before the last step."""
+    problems = []
+    if tr.stream_start and not hasattr(erasers, "switch_off"):
+        problems.append(f"training.stream_start: the {getattr(erasers, 'eraser_type', '?')!r} eraser cannot switch "
+                        "streams off; remove training.stream_start")
     for stream, start in tr.stream_start.items():
-        problem = None
-        if stream not in have:
-            problem = (f"training.stream_start.{stream}: the eraser has no {stream!r} adapters (its streams: "
-                       f"{sorted(have)}); add {stream!r} to eraser.streams or drop it here")
+        if stream not in streams:
+            problems.append(f"training.stream_start.{stream}: the eraser has no {stream!r} adapters (its streams: "
+                            f"{sorted(streams)}); add {stream!r} to eraser.streams or drop it here")
         elif start >= tr.steps:
-            problem = (f"training.stream_start.{stream}: {start} is not before the last step "
-                       f"(training.steps {tr.steps}), so those adapters would never train")
-        if problem:
-            erasers.detach()
-            raise T2VUError(problem)
+            problems.append(f"training.stream_start.{stream}: {start} is not before the last step "
+                            f"(training.steps {tr.steps}), so those adapters would never train")
+    if problems:
+        erasers.detach()
+        raise T2VUError(problems[0])
 
 
 def _unlearn_prompt(condition: str, prompts: Prompts, trajectory_prompt: str, rng: random.Random) -> str:

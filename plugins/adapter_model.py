@@ -65,8 +65,7 @@ class EraserSet(nn.Module):
         self.eraser_type = eraser_type
         self.options = dict(options or {})
         self.enabled = True
-        self.off: frozenset[str] = frozenset()  # sites switched off by streams_off()
-        self.site_streams: dict[str, str] = {}  # site -> "video" / "text", known once attached
+        self.off_streams: frozenset[str] = frozenset()  # "video" / "text": see switch_off()
         self.scale = 1.0
         self.record = False
         self.outputs: dict[str, torch.Tensor] = {}
@@ -82,7 +81,6 @@ class EraserSet(nn.Module):
             raise ValueError(f"eraser sites not in this model: {', '.join(missing[:5])}")
         for name in self.site_names:
             site = by_name[name]
-            self.site_streams[name] = site.stream
             if site.stream == "text":
                 handle = site.module.register_forward_pre_hook(self._text_hook(name), with_kwargs=True)
             else:
@@ -99,7 +97,7 @@ class EraserSet(nn.Module):
         module = self.eraser(name)
 
         def hook(_module, _inputs, output):
-            if not self.enabled or name in self.off:
+            if not self.enabled or "video" in self.off_streams:
                 return output
             h, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, ())
             delta = module(h)
@@ -114,7 +112,7 @@ class EraserSet(nn.Module):
         module = self.eraser(name)
 
         def pre_hook(_module, args, kwargs):
-            if not self.enabled or name in self.off:
+            if not self.enabled or "text" in self.off_streams:
                 return None
             if "encoder_hidden_states" in kwargs:
                 text = kwargs["encoder_hidden_states"]
@@ -139,16 +137,10 @@ class EraserSet(nn.Module):
         finally:
             self.enabled = previous
 
-    @contextlib.contextmanager
-    def streams_off(self, streams: set[str]) -> Iterator[None]:
-        """Switch off the erasers of the given streams ("video", "text"): those hooks change nothing
-        (and their adapters get no gradient) while the others act as usual."""
-        previous = self.off
-        self.off = frozenset(n for n, stream in self.site_streams.items() if stream in streams)
-        try:
-            yield
-        finally:
-            self.off = previous
+    def switch_off(self, streams: set[str]) -> None:
+        """From now on the erasers of ``streams`` ("video", "text") change nothing (and their adapters get no
+        gradient) while the others act as usual; ``switch_off(set())`` switches every stream back on."""
+        self.off_streams = frozenset(streams)
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[dict[str, torch.Tensor]]:
