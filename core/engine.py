@@ -128,10 +128,13 @@ def train(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict
     if tr.gradient_checkpointing:
         backbone.enable_gradient_checkpointing()
 
+    mine = set(erasers.site_names)
+    _check_stream_start(tr, erasers, {getattr(site, "stream", "video") for site in sites if site.name in mine})
     params = [p for p in erasers.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tr.learning_rate, weight_decay=tr.weight_decay)
-    lr_scheduler = get_scheduler(tr.lr_scheduler, optimizer, num_warmup_steps=tr.warmup_steps,
-                                 num_training_steps=tr.steps)
+    groups, starts = _param_groups(tr, erasers, sites)
+    group_names = [g["stream"] for g in groups if "stream" in g]
+    optimizer = torch.optim.AdamW(groups, lr=tr.learning_rate, weight_decay=tr.weight_decay)
+    lr_scheduler = _lr_schedule(tr, optimizer, starts, get_scheduler)
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
 
     rng = random.Random(tr.seed)
@@ -145,8 +148,6 @@ def train(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict
         raise T2VUError("a loss term (localization) penalises the erasers' video outputs, but no eraser edits "
                         "the video (eraser.streams has no 'video'); add 'video' or drop that term")
 
-    mine = set(erasers.site_names)
-    _check_stream_start(tr, erasers, {getattr(site, "stream", "video") for site in sites if site.name in mine})
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "prompts.json").write_text(json.dumps(
@@ -191,6 +192,7 @@ def train(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict
             row = {"step": step + 1, "loss": float(total.detach()),
                    **{k: float(v.detach()) for k, v in terms.items()},
                    "grad_norm": float(grad_norm), "lr": lr_scheduler.get_last_lr()[0],
+                   **{f"lr_{name}": lr for name, lr in zip(group_names, lr_scheduler.get_last_lr())},
                    "seconds": round(time.perf_counter() - start, 3)}
             if not all(math.isfinite(v) for k, v in row.items() if isinstance(v, float)):
                 raise T2VUError(f"step {step + 1}: the loss became non-finite ({row}); lower training.learning_rate")
@@ -215,7 +217,7 @@ def train(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict
 def _check_stream_start(tr, erasers, streams: set[str]) -> None:
     """``training.stream_start`` names ``streams`` the eraser has, each starting before the last step."""
     problems = []
-    if tr.stream_start and not hasattr(erasers, "switch_off"):
+    if tr.stream_start and not (hasattr(erasers, "switch_off") and hasattr(erasers, "eraser")):
         problems.append(f"training.stream_start: the {getattr(erasers, 'eraser_type', '?')!r} eraser cannot switch "
                         "streams off; remove training.stream_start")
     for stream, start in tr.stream_start.items():
@@ -228,6 +230,38 @@ def _check_stream_start(tr, erasers, streams: set[str]) -> None:
     if problems:
         erasers.detach()
         raise T2VUError(problems[0])
+
+
+def _param_groups(tr, erasers, sites) -> tuple[list[dict], list[int]]:
+    """The optimizer's parameter groups and the step each starts at: one group, from step 0, unless
+    ``training.stream_start`` is set; then one group per stream (``"stream"``: its name, and its rate is
+    logged as ``lr_<stream>``)."""
+    if not tr.stream_start:
+        return [{"params": [p for p in erasers.parameters() if p.requires_grad]}], [0]
+    stream_of = {site.name: getattr(site, "stream", "video") for site in sites}
+    by_stream: dict[str, list] = {}
+    for name in erasers.site_names:
+        by_stream.setdefault(stream_of[name], []).extend(p for p in erasers.eraser(name).parameters()
+                                                         if p.requires_grad)
+    streams = sorted(by_stream, key=lambda s: (tr.stream_start.get(s, 0), s))  # "lr" logs the first
+    return [{"params": by_stream[s], "stream": s} for s in streams], [tr.stream_start.get(s, 0) for s in streams]
+
+
+def _lr_schedule(tr, optimizer, starts: list[int], get_scheduler):
+    """``training.lr_scheduler`` (diffusers' schedules) with its warmup; a group that starts late runs the
+    whole schedule, warmup included, over the steps it trains (and has rate 0 before)."""
+    import torch
+
+    if not any(starts):
+        return get_scheduler(tr.lr_scheduler, optimizer, num_warmup_steps=tr.warmup_steps,
+                             num_training_steps=tr.steps)
+    shapes = []
+    for start in starts:  # the schedule's shape over this group's steps, from a one-parameter stand-in
+        stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        shape = get_scheduler(tr.lr_scheduler, stand_in, num_warmup_steps=tr.warmup_steps,
+                              num_training_steps=tr.steps - start).lr_lambdas[0]
+        shapes.append(lambda step, start=start, shape=shape: shape(step - start) if step >= start else 0.0)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, shapes)
 
 
 def _unlearn_prompt(condition: str, prompts: Prompts, trajectory_prompt: str, rng: random.Random) -> str:

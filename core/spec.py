@@ -109,7 +109,8 @@ class TrainingSpec(_Strict):
     stream_start: dict[Literal["video", "text"], Annotated[int, Field(ge=0)]] = Field(
         default_factory=dict, description="Eraser stream -> the step it starts at; before it that stream's "
         "adapters are off (no change, no gradient), e.g. {text: 100}: the video adapters first learn alone "
-        "what they can erase, so it does not hang on the target's words.")
+        "what they can erase, so it does not hang on the target's words. A late stream runs the whole "
+        "lr_scheduler, warmup included, over the steps it trains.")
     log_every: int = Field(1, gt=0)
 
 

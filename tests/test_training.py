@@ -118,6 +118,9 @@ def test_stream_start_holds_a_stream_off_until_its_step(tmp_path, tiny_folder):
         assert text == 0.0 and video > 0.0
     text, video = ups(out / "eraser.safetensors")
     assert text > 0.0 and video > 0.0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr_text"] for r in rows] == [0.0, 1e-3, 1e-3, 1e-3]  # each row: the rate of the next step
+    assert [r["lr_video"] for r in rows] == [r["lr"] for r in rows] == [1e-3] * 4
     for out_name, sets, message in [
         ("no-text", ["training.stream_start={text: 1}"], "the eraser has no 'text' adapters"),
         ("too-late", ["eraser.streams=[video, text]", "training.stream_start={text: 4}"], "would never train"),
@@ -135,6 +138,36 @@ def test_stream_start_holds_a_stream_off_until_its_step(tmp_path, tiny_folder):
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in (tmp_path / "video-late" / "metrics.jsonl").read_text().splitlines()]
     assert rows[2]["localization"] > 0.0  # on from step 1 (whose adapters still start at zero)
+
+
+def test_a_late_stream_runs_the_whole_lr_schedule_over_its_own_steps():
+    """A stream starting at step 4 of 10 warms up and decays over steps 4-9 as a 6-step run would; the others
+    and a run without stream_start keep the plain schedule."""
+    from types import SimpleNamespace
+
+    from diffusers.optimization import get_scheduler
+
+    from t2vu.core.engine import _lr_schedule
+
+    def rates(groups, make_schedule, steps):
+        optimizer = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)]} for _ in range(groups)], lr=0.1)
+        schedule, out = make_schedule(optimizer), []
+        for _ in range(steps):
+            out.append([g["lr"] for g in optimizer.param_groups])
+            optimizer.step()
+            schedule.step()
+        return out
+
+    tr = SimpleNamespace(lr_scheduler="cosine", warmup_steps=2, steps=10)
+    def cosine(steps):
+        return lambda o: get_scheduler("cosine", o, num_warmup_steps=2, num_training_steps=steps)
+
+    plain, short = [r[0] for r in rates(1, cosine(10), 10)], [r[0] for r in rates(1, cosine(6), 6)]
+    got = rates(2, lambda o: _lr_schedule(tr, o, [0, 4], get_scheduler), 10)
+    assert [r[0] for r in got] == plain
+    assert [r[1] for r in got] == [0.0] * 4 + short
+    assert short[:3] == [0.0, 0.05, 0.1] and short[-1] < 0.1  # its own warmup, then its own decay
+    assert rates(1, lambda o: _lr_schedule(tr, o, [0], get_scheduler), 10) == [[x] for x in plain]
 
 
 def test_run_writes_a_loadable_eraser_and_refuses_to_overwrite(tmp_path, tiny_folder):
