@@ -148,7 +148,6 @@ def train(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict
         raise T2VUError("a loss term (localization) penalises the erasers' video outputs, but no eraser edits "
                         "the video (eraser.streams has no 'video'); add 'video' or drop that term")
 
-
     out.mkdir(parents=True, exist_ok=True)
     (out / "prompts.json").write_text(json.dumps(
         {"target": prompts.target, "condition": condition, "unlearn": prompts.unlearn,

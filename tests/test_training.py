@@ -159,6 +159,7 @@ def test_a_late_stream_runs_the_whole_lr_schedule_over_its_own_steps():
         return out
 
     tr = SimpleNamespace(lr_scheduler="cosine", warmup_steps=2, steps=10)
+
     def cosine(steps):
         return lambda o: get_scheduler("cosine", o, num_warmup_steps=2, num_training_steps=steps)
 
