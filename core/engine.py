@@ -100,7 +100,6 @@ def train(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
 
     from t2vu.core.context import ANCHOR, PRESERVED, TARGET, UNCOND, StepContext
     from t2vu.core.eraser_io import save_eraser
@@ -128,13 +127,12 @@ def train(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict
     if tr.gradient_checkpointing:
         backbone.enable_gradient_checkpointing()
 
-    mine = set(erasers.site_names)
-    _check_stream_start(tr, erasers, {getattr(site, "stream", "video") for site in sites if site.name in mine})
+    stream_of = {site.name: getattr(site, "stream", "video") for site in sites}
+    _check_stream_start(tr, erasers, {stream_of[name] for name in erasers.site_names})
     params = [p for p in erasers.parameters() if p.requires_grad]
-    groups, starts = _param_groups(tr, erasers, sites)
-    group_names = [g["stream"] for g in groups if "stream" in g]
+    groups = _param_groups(tr, erasers, stream_of)
     optimizer = torch.optim.AdamW(groups, lr=tr.learning_rate, weight_decay=tr.weight_decay)
-    lr_scheduler = _lr_schedule(tr, optimizer, starts, get_scheduler)
+    lr_scheduler = _lr_schedule(tr, optimizer)
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
 
     rng = random.Random(tr.seed)
@@ -142,7 +140,7 @@ def train(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict
     latent_shape = backbone.latent_shape(tr.num_frames, tr.height, tr.width)
     state_source = make_states(tr.states, backbone, erasers, latent_shape, generator, device, embed, tr, rng)
     needs = [need for _, loss in losses for need in loss.needs()]
-    video_sites = {site.name for site in sites if getattr(site, "stream", "video") == "video"}
+    video_sites = {name for name, stream in stream_of.items() if stream == "video"}
     if any(n.kind == "eraser_outputs" for n in needs) and not video_sites & set(erasers.site_names):
         erasers.detach()
         raise T2VUError("a loss term (localization) penalises the erasers' video outputs, but no eraser edits "
@@ -188,10 +186,11 @@ def train(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            rates = lr_scheduler.get_last_lr()
             row = {"step": step + 1, "loss": float(total.detach()),
                    **{k: float(v.detach()) for k, v in terms.items()},
-                   "grad_norm": float(grad_norm), "lr": lr_scheduler.get_last_lr()[0],
-                   **{f"lr_{name}": lr for name, lr in zip(group_names, lr_scheduler.get_last_lr())},
+                   "grad_norm": float(grad_norm), "lr": rates[0],
+                   **{f"lr_{g['stream']}": rate for g, rate in zip(groups, rates) if "stream" in g},
                    "seconds": round(time.perf_counter() - start, 3)}
             if not all(math.isfinite(v) for k, v in row.items() if isinstance(v, float)):
                 raise T2VUError(f"step {step + 1}: the loss became non-finite ({row}); lower training.learning_rate")
@@ -231,26 +230,27 @@ def _check_stream_start(tr, erasers, streams: set[str]) -> None:
         raise T2VUError(problems[0])
 
 
-def _param_groups(tr, erasers, sites) -> tuple[list[dict], list[int]]:
-    """The optimizer's parameter groups and the step each starts at: one group, from step 0, unless
-    ``training.stream_start`` is set; then one group per stream (``"stream"``: its name, and its rate is
-    logged as ``lr_<stream>``)."""
+def _param_groups(tr, erasers, stream_of: dict[str, str]) -> list[dict]:
+    """The optimizer's parameter groups: one, unless ``training.stream_start`` is set; then one per stream,
+    with its name (``"stream"``, logged as ``lr_<stream>``) and the step it starts at (``"start"``)."""
     if not tr.stream_start:
-        return [{"params": [p for p in erasers.parameters() if p.requires_grad]}], [0]
-    stream_of = {site.name: getattr(site, "stream", "video") for site in sites}
+        return [{"params": [p for p in erasers.parameters() if p.requires_grad]}]
     by_stream: dict[str, list] = {}
     for name in erasers.site_names:
         by_stream.setdefault(stream_of[name], []).extend(p for p in erasers.eraser(name).parameters()
                                                          if p.requires_grad)
-    streams = sorted(by_stream, key=lambda s: (tr.stream_start.get(s, 0), s))  # "lr" logs the first
-    return [{"params": by_stream[s], "stream": s} for s in streams], [tr.stream_start.get(s, 0) for s in streams]
+    start = {s: tr.stream_start.get(s, 0) for s in by_stream}
+    return [{"params": by_stream[s], "stream": s, "start": start[s]}  # "lr" logs the first to start
+            for s in sorted(by_stream, key=lambda s: (start[s], s))]
 
 
-def _lr_schedule(tr, optimizer, starts: list[int], get_scheduler):
-    """``training.lr_scheduler`` (diffusers' schedules) with its warmup; a group that starts late runs the
-    whole schedule, warmup included, over the steps it trains (and has rate 0 before)."""
+def _lr_schedule(tr, optimizer):
+    """``training.lr_scheduler`` (diffusers' schedules) with its warmup; a parameter group with a ``"start"``
+    step runs the whole schedule, warmup included, over the steps it trains (and has rate 0 before)."""
     import torch
+    from diffusers.optimization import get_scheduler
 
+    starts = [group.get("start", 0) for group in optimizer.param_groups]
     if not any(starts):
         return get_scheduler(tr.lr_scheduler, optimizer, num_warmup_steps=tr.warmup_steps,
                              num_training_steps=tr.steps)

@@ -149,8 +149,9 @@ def test_a_late_stream_runs_the_whole_lr_schedule_over_its_own_steps():
 
     from t2vu.core.engine import _lr_schedule
 
-    def rates(groups, make_schedule, steps):
-        optimizer = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)]} for _ in range(groups)], lr=0.1)
+    def rates(starts, make_schedule, steps):
+        optimizer = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "start": s} for s in starts],
+                                    lr=0.1)
         schedule, out = make_schedule(optimizer), []
         for _ in range(steps):
             out.append([g["lr"] for g in optimizer.param_groups])
@@ -163,12 +164,12 @@ def test_a_late_stream_runs_the_whole_lr_schedule_over_its_own_steps():
     def cosine(steps):
         return lambda o: get_scheduler("cosine", o, num_warmup_steps=2, num_training_steps=steps)
 
-    plain, short = [r[0] for r in rates(1, cosine(10), 10)], [r[0] for r in rates(1, cosine(6), 6)]
-    got = rates(2, lambda o: _lr_schedule(tr, o, [0, 4], get_scheduler), 10)
+    plain, short = [r[0] for r in rates([0], cosine(10), 10)], [r[0] for r in rates([0], cosine(6), 6)]
+    got = rates([0, 4], lambda o: _lr_schedule(tr, o), 10)
     assert [r[0] for r in got] == plain
     assert [r[1] for r in got] == [0.0] * 4 + short
     assert short[:3] == [0.0, 0.05, 0.1] and short[-1] < 0.1  # its own warmup, then its own decay
-    assert rates(1, lambda o: _lr_schedule(tr, o, [0], get_scheduler), 10) == [[x] for x in plain]
+    assert rates([0], lambda o: _lr_schedule(tr, o), 10) == [[x] for x in plain]
 
 
 def test_run_writes_a_loadable_eraser_and_refuses_to_overwrite(tmp_path, tiny_folder):
