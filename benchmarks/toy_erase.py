@@ -12,7 +12,7 @@ benchmarks/results/toy_erase.json. Targets (issue: toy world):
 
     python benchmarks/toy_erase.py                     # red, blue, green, square, triangle, circle x seeds 0, 1
     python benchmarks/toy_erase.py --concepts red --seeds 0
-    python benchmarks/toy_erase.py --spec examples/toy-erase-any.yaml      # one spec for colours and shapes
+    python benchmarks/toy_erase.py --spec examples/toy-erase-any.yaml --seeds 0 1 2 3   # one spec, every concept
 """
 
 from __future__ import annotations
