@@ -12,11 +12,13 @@ export OMP_NUM_THREADS := 1
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml tests/plugins/t2vu-example/pyproject.toml
+$(VENV)/.installed: pyproject.toml toy/pyproject.toml tests/plugins/t2vu-example/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@if [ -n "$(TORCH)" ]; then $(PY) -m pip install -q "$(TORCH)"; fi
 	$(PY) -m pip install -q -e '.[dev]'
+	# the toy world is a plugin distribution of its own, installed like any third-party one
+	$(PY) -m pip install -q --no-deps -e ./toy
 	$(PY) -m pip install -q --no-deps ./tests/plugins/t2vu-example
 	touch $@
 
@@ -32,14 +34,17 @@ bench: setup
 	$(PY) benchmarks/cli_startup.py
 	$(PY) benchmarks/toy_erase.py
 
-# Build the wheel, install it into a fresh virtual environment, run the CLI from it.
+# Build the wheels (t2vu, t2vu-toy), install them into a fresh virtual environment, run the CLI from it.
 check-wheel: setup
 	rm -rf dist build/wheel-venv
 	$(PY) -m build --wheel -q --outdir dist .
+	$(PY) -m build --wheel -q --outdir dist ./toy
 	$(PYTHON) -m venv build/wheel-venv
 	@if [ -n "$(TORCH)" ]; then build/wheel-venv/bin/pip install -q "$(TORCH)"; fi
-	build/wheel-venv/bin/pip install -q dist/t2vu-*.whl
+	build/wheel-venv/bin/pip install -q dist/t2vu-0*.whl
+	build/wheel-venv/bin/pip install -q --no-deps dist/t2vu_toy-*.whl
 	cd /tmp && $(CURDIR)/build/wheel-venv/bin/t2vu plugins list
+	cd /tmp && $(CURDIR)/build/wheel-venv/bin/t2vu plugins list --json | $(CURDIR)/build/wheel-venv/bin/python -c "import json, sys; rows = json.load(sys.stdin); assert any(r['name'] == 'toy' and r['distribution'] == 't2vu-toy' for r in rows), 'toy plugin missing'"
 	cd /tmp && $(CURDIR)/build/wheel-venv/bin/python -c "import t2vu.core, importlib.util as u; assert u.find_spec('core') is None and u.find_spec('plugins') is None; print('wheel ok')"
 
 clean:

@@ -6,20 +6,27 @@ Registration and options only; the implementation (torch, diffusers) lives in
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import ClassVar, Optional
 
 from pydantic import Field
 
 from t2vu.core.hookspecs import hookimpl
+from t2vu.core.protocols import VideoDefaults
 from t2vu.core.spec import BackboneOptions
 
 
 class CogVideoXOptions(BackboneOptions):
     """A CogVideoX model folder in diffusers format (``CogVideoXPipeline.save_pretrained``)."""
 
+    #: CogVideoX-5b's native clip and the pipeline's sampler settings (50 steps, CFG 6, 8 fps)
+    defaults: ClassVar[VideoDefaults] = VideoDefaults(num_frames=49, height=480, width=720, steps=50,
+                                                      guidance=6.0, fps=8)
+    site_presets: ClassVar[dict[str, list[str]]] = {"all": ["transformer_blocks.*.attn1"]}
+    default_sites: ClassVar[Optional[str]] = "all"
+    example_path: ClassVar[str] = "./CogVideoX-5b"
+
     max_text_length: Optional[int] = Field(
         None, gt=0, description="Tokens per prompt; default: the transformer's max_text_seq_length.")
-    device: Optional[str] = Field(None, description="Device for training (default: accelerate's choice).")
 
 
 @hookimpl

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from t2vu.core.errors import T2VUError
+from t2vu.core.protocols import Guided
+from t2vu.core.upstream import UpstreamLayout
 from t2vu.plugins.adapter_model import Site
 
 
@@ -25,12 +27,16 @@ def transformer_sites(transformer: nn.Module) -> list[Site]:
     """
     sites = []
     for i, block in enumerate(transformer.transformer_blocks):
-        attn = block.attn1
-        sites.append(Site(name=f"transformer_blocks.{i}.attn1", module=attn, dim=attn.to_out[0].out_features,
-                          block=i))
-        sites.append(Site(name=f"transformer_blocks.{i}.attn1.text", module=attn, dim=attn.to_k.in_features,
-                          block=i, stream="text"))
+        attn, name = block.attn1, f"transformer_blocks.{i}.attn1"
+        sites.append(Site(name=name, module=attn, dim=attn.to_out[0].out_features, attention=name))
+        sites.append(Site(name=f"{name}.text", module=attn, dim=attn.to_k.in_features, attention=name,
+                          stream="text"))
     return sites
+
+
+#: The upstream T2VUnlearning release: one adapter on every block's attn1 video output.
+UPSTREAM = UpstreamLayout(site=r"transformer_blocks\.(\d+)\.attn1", layers_key="num_layers",
+                          example="transformer_blocks.<i>.attn1")
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -71,7 +77,7 @@ class _CaptureProcessor:
     ``[tokens, tokens]`` matrix is never materialised.
     """
 
-    def __init__(self, inner, store: dict, block: int, token_masks: torch.Tensor, chunk: int):
+    def __init__(self, inner, store: dict, block: str, token_masks: torch.Tensor, chunk: int):
         self.inner, self.store, self.block = inner, store, block
         self.token_masks, self.chunk = token_masks, chunk
 
@@ -114,12 +120,27 @@ class _CaptureProcessor:
         return torch.cat(pieces, dim=1)  # [b, n_video]
 
 
+class _DDIMSampler:
+    """One DDIM (eta 0) trajectory through the folder's scheduler config, with the scheduler's own ``step``."""
+
+    def __init__(self, config, num_steps: int, device):
+        from diffusers import CogVideoXDDIMScheduler
+
+        self.scheduler = CogVideoXDDIMScheduler.from_config(config)
+        self.scheduler.set_timesteps(num_steps, device=device)
+        self.timesteps = self.scheduler.timesteps
+
+    def step(self, prediction: torch.Tensor, t, x: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.step(prediction, int(t), x, return_dict=False)[0]
+
+
 class CogVideoXBackbone:
-    """CogVideoX transformer from a local diffusers folder (v-prediction, text tokens first)."""
+    """CogVideoX transformer from a local diffusers folder (v-prediction, text tokens first, two-pass CFG)."""
 
     name = "cogvideox"
     #: where erasers attach on a loaded transformer (load_eraser asks the backbone class)
     transformer_sites = staticmethod(transformer_sites)
+    upstream = UPSTREAM
 
     def __init__(self, options):
         self.options = options
@@ -148,7 +169,6 @@ class CogVideoXBackbone:
         self.transformer.requires_grad_(False).eval().to(self.device)
         self.config = dict(self.transformer.config)
         self.scheduler = self._load_scheduler()
-        self.alphas_cumprod = self.scheduler.alphas_cumprod.to(torch.float64)
 
     def _load_scheduler(self):
         import diffusers
@@ -184,6 +204,10 @@ class CogVideoXBackbone:
     def _tokenize(self, prompts: Sequence[str], **kwargs):
         return self.tokenizer()(list(prompts), padding="max_length", max_length=self.text_length,
                                 truncation=True, add_special_tokens=True, return_tensors="pt", **kwargs)
+
+    def collate(self, conditions: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-prompt ``[L, D]`` embeddings -> ``[B, L, D]``."""
+        return torch.stack(list(conditions))
 
     def encode_prompts(self, prompts: Sequence[str], batch_size: int = 8) -> dict[str, torch.Tensor]:
         """T5-encode each distinct prompt once, as CogVideoXPipeline does; then free the encoder."""
@@ -253,27 +277,13 @@ class CogVideoXBackbone:
         total = self.scheduler.config.num_train_timesteps
         return torch.randint(0, total, (n,), generator=generator)
 
-    def _abar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        a = self.alphas_cumprod.to(like.device)[t.to(like.device)].to(torch.float32)
-        return a.view(-1, *([1] * (like.dim() - 1)))
-
     def add_noise(self, x0, noise, t):
-        a = self._abar(t, x0)
-        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+        """The scheduler's own forward process (``sqrt(abar) x0 + sqrt(1 - abar) noise``)."""
+        return self.scheduler.add_noise(x0, noise, t)
 
-    def sampler_timesteps(self, num_steps: int) -> torch.Tensor:
-        self.scheduler.set_timesteps(num_steps)
-        return self.scheduler.timesteps.clone()
-
-    def sampler_step(self, v, t, t_prev, x_t):
-        """DDIM (eta 0) in v-parameterisation: x0 = sqrt(a) x - sqrt(1-a) v, eps = sqrt(1-a) x + sqrt(a) v."""
-        a = self._abar(t, x_t)
-        x0 = a.sqrt() * x_t - (1 - a).sqrt() * v
-        eps = (1 - a).sqrt() * x_t + a.sqrt() * v
-        if t_prev is None:
-            return x0
-        a_prev = self._abar(t_prev, x_t)
-        return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    def sampler(self, num_steps: int) -> _DDIMSampler:
+        """DDIM (eta 0) with the folder's scheduler config (``timestep_spacing``, zero-terminal-SNR betas)."""
+        return _DDIMSampler(self.scheduler.config, num_steps, self.device)
 
     # -- the forward ----------------------------------------------------------------------
     def _rotary(self, latent_shape):
@@ -313,31 +323,40 @@ class CogVideoXBackbone:
             return_dict=False)[0]
         return out.float()
 
-    @contextlib.contextmanager
-    def capture_attention(self, token_masks: torch.Tensor, layers: Optional[Sequence[int]] = None,
-                          latent_shape=None):
-        """Record video->concept attention of the frozen forward (see :class:`_CaptureProcessor`).
+    def guided(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+               scale: float) -> Guided:
+        """Two-pass classifier-free guidance in one batched forward, as ``CogVideoXPipeline`` does."""
+        b = x_t.size(0)
+        pred = self.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond]))
+        v_u, v_c = pred[:b], pred[b:]
+        return Guided(v_u + scale * (v_c - v_u), {"uncond": v_u, "cond": v_c})
 
-        Yields ``{block: [rows, frames, tokens_per_frame]}`` filled by the next forward.
+    @contextlib.contextmanager
+    def capture_attention(self, token_masks: torch.Tensor, modules: Optional[Sequence[str]] = None,
+                          latent_shape=None):
+        """Record video->concept attention of the next forward (see :class:`_CaptureProcessor`) in the
+        attention modules named ``modules`` (default: every block's ``attn1``).
+
+        Yields ``{module: [rows, frames, tokens_per_frame]}`` filled by the next forward.
         """
         store: dict = {}
-        blocks = self.transformer.transformer_blocks
-        chosen = range(len(blocks)) if layers is None else layers
+        names = list(modules) if modules is not None else [
+            f"transformer_blocks.{i}.attn1" for i in range(len(self.transformer.transformer_blocks))]
         saved = {}
         chunk = 1024
         try:
-            for i in chosen:
-                attn = blocks[i].attn1
-                saved[i] = attn.processor
-                attn.processor = _CaptureProcessor(saved[i], store, i, token_masks.to(self.device), chunk)
+            for name in names:
+                attn = self.transformer.get_submodule(name)
+                saved[name] = (attn, attn.processor)
+                attn.processor = _CaptureProcessor(attn.processor, store, name, token_masks.to(self.device), chunk)
             yield store
         finally:
-            for i, proc in saved.items():
-                blocks[i].attn1.processor = proc
+            for attn, proc in saved.values():
+                attn.processor = proc
         if latent_shape is not None:
             frames, per_frame = self.token_grid(latent_shape)
-            for i in list(store):
-                store[i] = store[i].reshape(store[i].size(0), frames, per_frame)
+            for name in list(store):
+                store[name] = store[name].reshape(store[name].size(0), frames, per_frame)
 
     # -- decoding (generation and evaluation only; training never loads the VAE) ----------
     @torch.no_grad()

@@ -23,8 +23,8 @@ TARGETS = {"color": 0.95, "motion": 0.90, "shape": 0.80}
 
 
 def evaluate(backbone, combos, seeds, *, synonyms=False, steps=25, guidance=5.0):
-    from t2vu.toy.judges import accuracy, judge_all
-    from t2vu.toy.model import sample
+    from t2vu_toy.judges import accuracy, judge_all
+    from t2vu_toy.model import sample
 
     world = backbone.world
     prompts, truths, seed_list = [], [], []
@@ -54,7 +54,7 @@ def main() -> int:
 
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
-    from t2vu.toy.model import BASE_PATH, load_base
+    from t2vu_toy.model import BASE_PATH, load_base
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=BASE_PATH)

@@ -63,8 +63,8 @@ def check(summary: dict, seconds: float) -> dict[str, bool]:
 
 
 def spec_for(concept: str) -> Path:
-    from t2vu.toy.evaluation import attribute_of
-    from t2vu.toy.world import World
+    from t2vu_toy.evaluation import attribute_of
+    from t2vu_toy.world import World
 
     return SPECS[attribute_of(World(), concept)]
 

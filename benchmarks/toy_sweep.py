@@ -45,9 +45,9 @@ def teacher_job(job, tiny, workdir=None):
     from t2vu.core.sampling import initial_noise
     from t2vu.core.spec import load_spec
     from t2vu.losses.terms import guided_away
-    from t2vu.toy.evaluation import attribute_of
-    from t2vu.toy.judges import judge_all
-    from t2vu.toy.world import World
+    from t2vu_toy.evaluation import attribute_of
+    from t2vu_toy.judges import judge_all
+    from t2vu_toy.world import World
 
     world = World()
     resolved = load_spec(SPEC, plugins.get_registry(), [])
@@ -62,21 +62,20 @@ def teacher_job(job, tiny, workdir=None):
     anchors = [anchor_prompt(p, target, anchor) for p in prompts]  # "" (the empty prompt) without an anchor
     emb = bb.encode_prompts(list(dict.fromkeys([""] + prompts + anchors)))
     b = len(rows)
-    u = torch.stack([emb[""]] * b)
-    c = torch.stack([emb[p] for p in prompts])
-    a = torch.stack([emb[p] for p in anchors])
+    u = bb.collate([emb[""]] * b)
+    c = bb.collate([emb[p] for p in prompts])
+    a = bb.collate([emb[p] for p in anchors])
     guidance, limit, ratios = 5.0, job.get("push_limit"), {}
     with torch.no_grad():
         x = torch.stack([initial_noise(bb.latent_shape(4, 32, 32), seed) for _, _, seed in rows]).to(bb.device)
-        ts = bb.sampler_timesteps(2 if tiny else 25)
-        for i, t in enumerate(ts):
+        sampler = bb.sampler(2 if tiny else 25)
+        for i, t in enumerate(sampler.timesteps):
             tt = t.repeat(b)
             vu, vc, va = bb.predict(torch.cat([x, x, x]), torch.cat([tt, tt, tt]), torch.cat([u, c, a])).chunk(3)
             teacher = guided_away(va, vc, eta, limit)
             if i in (0, 5, 12):
                 ratios[i] = round(float(((vc - va).flatten(1).norm(dim=1) / va.flatten(1).norm(dim=1)).mean()), 3)
-            tp = ts[i + 1].repeat(b) if i + 1 < len(ts) else None
-            x = bb.sampler_step(vu + guidance * (teacher - vu), tt, tp, x)
+            x = sampler.step(vu + guidance * (teacher - vu), t, x)
         videos = bb.decode(x).float().cpu()
     labels = [judge_all(videos[i]) for i in range(b)]
     values = world.colors if attr == "color" else world.shapes
@@ -112,9 +111,9 @@ def probe_job(job, tiny, workdir):
 
     from t2vu.core.evaluate import load_for_generation
     from t2vu.core.sampling import generate
-    from t2vu.toy.evaluation import attribute_of
-    from t2vu.toy.judges import judge_all
-    from t2vu.toy.world import World
+    from t2vu_toy.evaluation import attribute_of
+    from t2vu_toy.judges import judge_all
+    from t2vu_toy.world import World
 
     world, target = World(), job["concept"]
     index = {"color": 0, "shape": 1}[attribute_of(world, target)]
@@ -173,7 +172,7 @@ def _fit_sample(resolved, backbone, erasers, embeds, rows, seed, steps, fit, tea
     from t2vu.core.engine import anchor_prompt
     from t2vu.core.sampling import initial_noise
     from t2vu.losses.terms import guided_away
-    from t2vu.toy.world import World
+    from t2vu_toy.world import World
 
     world, concept = World(), resolved.spec.concept
     loss = next(x.options for x in resolved.losses if x.name == "negative_guidance")
@@ -183,15 +182,15 @@ def _fit_sample(resolved, backbone, erasers, embeds, rows, seed, steps, fit, tea
     anchor_of = [anchor_prompt(prompts[i], concept.target, word) for i in mine]
     anchor_embeds = backbone.encode_prompts(anchor_of)
     b, m = len(rows), len(mine)
-    cond = torch.stack([embeds[p] for p in prompts])
-    uncond = torch.stack([embeds[""]] * b)
-    anchor = torch.stack([anchor_embeds[a] for a in anchor_of])
+    cond = backbone.collate([embeds[p] for p in prompts])
+    uncond = backbone.collate([embeds[""]] * b)
+    anchor = backbone.collate([anchor_embeds[a] for a in anchor_of])
     x = torch.stack([initial_noise(backbone.latent_shape(world.frames, world.size, world.size), seed)] * b)
     x = x.to(backbone.device)
-    ts = backbone.sampler_timesteps(steps)
+    sampler = backbone.sampler(steps)
     shares = []
     with torch.no_grad():
-        for i, t in enumerate(ts):
+        for i, t in enumerate(sampler.timesteps):
             tt = t.repeat(b)
             vu, vc = backbone.predict(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([uncond, cond])).chunk(2)
             with erasers.disabled():
@@ -201,8 +200,7 @@ def _fit_sample(resolved, backbone, erasers, embeds, rows, seed, steps, fit, tea
             shares.append(((vc[mine] - frozen_c).flatten(1) * step).sum(1) / (step * step).sum(1))
             if i in teacher_steps:
                 vc[mine] = frozen_c + step.view_as(frozen_c)
-            t_prev = ts[i + 1].repeat(b) if i + 1 < len(ts) else None
-            x = backbone.sampler_step(vu + 5.0 * (vc - vu), tt, t_prev, x)
+            x = sampler.step(vu + 5.0 * (vc - vu), t, x)
     per_row = torch.stack(shares, 1).tolist()
     fit.extend(((seed, prompts[i]), per_row[k]) for k, i in enumerate(mine))
     return backbone.decode(x).float().cpu()

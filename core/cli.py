@@ -197,7 +197,7 @@ def spec_schema() -> None:
 
 @spec_app.command("init", epilog="Example: t2vu spec init --backbone cogvideox > spec.yaml")
 def spec_init(
-    backbone: str = typer.Option("cogvideox", "--backbone", help="Backbone plugin name."),
+    backbone: str = typer.Option(..., "--backbone", help="Backbone plugin name (`t2vu plugins list --kind backbone`)."),
 ) -> None:
     """Print a commented starter spec."""
     from t2vu.core.starter import starter_spec

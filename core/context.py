@@ -11,10 +11,13 @@ spec sets ``concept.anchor``).
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
+
+from t2vu.core.errors import T2VUError
 
 #: condition names the engine provides
 UNCOND = "uncond"  # the empty prompt
@@ -30,15 +33,16 @@ class Need:
 
     kind: str
     cond: str
-    layers: Optional[tuple[int, ...]] = None  # attention only: which blocks build the map
+    modules: Optional[tuple[str, ...]] = None  # attention only: the attention modules whose maps are averaged
 
 
 class StepContext:
     """Predictions at one batch of training states ``x_t`` (``[B, ...]``) at timesteps ``t`` (``[B]``)."""
 
     def __init__(self, backbone, erasers, x_t: torch.Tensor, t: torch.Tensor,
-                 conds: dict[str, list[str]], embed: Callable[[list[str]], torch.Tensor],
-                 token_masks: Optional[dict[str, torch.Tensor]] = None):
+                 conds: dict[str, list[str]], embed: Callable[[list[str]], Any],
+                 token_masks: Optional[dict[str, torch.Tensor]] = None,
+                 attention_modules: Optional[Sequence[str]] = None, attention_names: Sequence[str] = ()):
         self.backbone, self.erasers = backbone, erasers
         self.x_t, self.t = x_t, t
         self.conds = conds
@@ -46,11 +50,13 @@ class StepContext:
         self._canonical = {c: first.setdefault(tuple(ps), c) for c, ps in conds.items()}
         if ANCHOR not in conds and UNCOND in conds:
             self._canonical[ANCHOR] = self._canonical[UNCOND]
-        self.embed = embed
+        self.embed = embed  # prompts -> the backbone's batched condition (Backbone.collate)
         self.token_masks = token_masks or {}
+        self.attention_modules = list(attention_modules) if attention_modules is not None else None
+        self.attention_names = list(attention_names)  # every attention module of the model's sites
         self._frozen: dict[str, torch.Tensor] = {}
         self._erased: dict[str, torch.Tensor] = {}
-        self._attention: dict[str, dict[int, torch.Tensor]] = {}
+        self._attention: dict[str, dict[str, torch.Tensor]] = {}
         self._outputs: dict[str, dict[str, torch.Tensor]] = {}
 
     def _key(self, cond: str) -> str:
@@ -72,15 +78,25 @@ class StepContext:
             self.prefetch([Need("erased", cond)])
         return self._erased[cond]
 
-    def attention(self, cond: str, layers: Optional[Iterable[int]] = None) -> torch.Tensor:
-        """Frozen video->concept attention ``[B, frames, tokens_per_frame]``, averaged over ``layers``."""
-        key = tuple(layers) if layers is not None else None
+    def attention(self, cond: str, modules: Optional[Iterable[str]] = None) -> torch.Tensor:
+        """Frozen video->concept attention ``[B, frames, tokens_per_frame]``, averaged over the attention
+        ``modules`` (names; default: the step's ``attention_modules``, those holding the video erasers)."""
+        key = self.expand(modules) if modules is not None else None
         cond = self._key(cond)
         if cond not in self._attention or (key and not set(key) <= set(self._attention[cond])):
             self.prefetch([Need("attention", cond, key)])
         maps = self._attention[cond]
         chosen = key if key is not None else sorted(maps)
-        return torch.stack([maps[i] for i in chosen]).mean(0)
+        return torch.stack([maps[m] for m in chosen]).mean(0)
+
+    def expand(self, patterns: Iterable[str]) -> tuple[str, ...]:
+        """Attention-module names matching ``patterns`` (fnmatch, e.g. ``single_transformer_blocks.*.attn``)."""
+        patterns = list(patterns)
+        found = tuple(n for n in self.attention_names if any(fnmatch.fnmatchcase(n, p) for p in patterns))
+        if not found:
+            raise T2VUError(f"{patterns} match no attention module of this model (it has "
+                            f"{', '.join(self.attention_names[:3])} ... {len(self.attention_names)} in all)")
+        return found
 
     def eraser_outputs(self, cond: str) -> dict[str, torch.Tensor]:
         """Each eraser's output ``[B, N_video, dim]`` in the erased forward of ``cond``."""
@@ -96,15 +112,17 @@ class StepContext:
     # -- batching -------------------------------------------------------------------
     def prefetch(self, needs: Iterable[Need]) -> None:
         """Compute everything in ``needs`` not yet memoised: one frozen and one erased forward at most."""
-        needs = [Need(n.kind, self._key(n.cond), n.layers) for n in needs]
+        default = tuple(self.attention_modules) if self.attention_modules is not None else None
+        needs = [Need(n.kind, self._key(n.cond), self.expand(n.modules) if n.modules is not None else default)
+                 for n in needs]
         attention_conds: dict[str, Optional[set]] = {}
         for n in needs:
             if n.kind == "attention":
-                layers = attention_conds.get(n.cond, set())
-                if n.layers is None or layers is None:
+                modules = attention_conds.get(n.cond, set())
+                if n.modules is None or modules is None:
                     attention_conds[n.cond] = None
                 else:
-                    attention_conds[n.cond] = layers | set(n.layers)
+                    attention_conds[n.cond] = modules | set(n.modules)
         frozen = [c for c in dict.fromkeys(n.cond for n in needs if n.kind == "frozen") if c not in self._frozen]
         frozen += [c for c in attention_conds if c not in frozen]
         erased = [c for c in dict.fromkeys(n.cond for n in needs if n.kind in ("erased", "eraser_outputs"))
@@ -116,45 +134,44 @@ class StepContext:
             self._erased_pass(erased, record)
 
     def _stack(self, conds: list[str]):
+        """The states repeated once per condition, and the conditions batched by the backbone, in order."""
         b = self.x_t.size(0)
         x = self.x_t.repeat(len(conds), *([1] * (self.x_t.dim() - 1)))
         t = self.t.repeat(len(conds))
-        emb = torch.cat([self.embed(self.conds[c]) for c in conds])
-        return b, x, t, emb
+        cond = self.embed([p for c in conds for p in self.conds[c]])
+        return b, x, t, cond
 
     def _frozen_pass(self, conds: list[str], attention_conds: dict[str, Optional[set]]) -> None:
-        b, x, t, emb = self._stack(conds)
+        b, x, t, cond = self._stack(conds)
         capture = [c for c in conds if c in attention_conds]
         with torch.no_grad(), self.erasers.disabled():
             if capture:
-                text_len = emb.size(1)
-                masks = torch.zeros(len(conds) * b, text_len, dtype=torch.bool)
-                for i, c in enumerate(conds):
-                    if c in attention_conds:
-                        masks[i * b:(i + 1) * b] = self.token_masks[c]
-                layers = set()
+                like = self.token_masks[capture[0]]
+                masks = torch.cat([self.token_masks[c] if c in attention_conds else torch.zeros_like(like)
+                                   for c in conds])
+                modules: Optional[set] = set()
                 for c in capture:
-                    layers = None if (layers is None or attention_conds[c] is None) else layers | attention_conds[c]
-                with self.backbone.capture_attention(masks, sorted(layers) if layers is not None else None,
+                    modules = None if (modules is None or attention_conds[c] is None) else modules | attention_conds[c]
+                with self.backbone.capture_attention(masks, sorted(modules) if modules is not None else None,
                                                      latent_shape=self.x_t.shape[1:]) as store:
-                    pred = self.backbone.predict(x, t, emb)
+                    pred = self.backbone.predict(x, t, cond)
                 # rows of the store follow the order of capture conds (rows whose mask has tokens)
                 for j, c in enumerate(capture):
-                    self._attention[c] = {i: m[j * b:(j + 1) * b] for i, m in store.items()}
+                    self._attention[c] = {m: a[j * b:(j + 1) * b] for m, a in store.items()}
             else:
-                pred = self.backbone.predict(x, t, emb)
+                pred = self.backbone.predict(x, t, cond)
         for i, c in enumerate(conds):
             self._frozen[c] = pred[i * b:(i + 1) * b]
 
     def _erased_pass(self, conds: list[str], record: set[str]) -> None:
-        b, x, t, emb = self._stack(conds)
+        b, x, t, cond = self._stack(conds)
         if record:
             with self.erasers.recording() as outputs:
-                pred = self.backbone.predict(x, t, emb)
+                pred = self.backbone.predict(x, t, cond)
             for i, c in enumerate(conds):
                 if c in record:
                     self._outputs[c] = {site: o[i * b:(i + 1) * b] for site, o in outputs.items()}
         else:
-            pred = self.backbone.predict(x, t, emb)
+            pred = self.backbone.predict(x, t, cond)
         for i, c in enumerate(conds):
             self._erased[c] = pred[i * b:(i + 1) * b]

@@ -102,32 +102,45 @@ def train(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict
     from accelerate.utils import set_seed
 
     from t2vu.core.context import ANCHOR, PRESERVED, TARGET, UNCOND, StepContext
-    from t2vu.core.eraser_io import save_eraser
+    from t2vu.core.eraser_file import save_eraser
     from t2vu.core.states import make_states
 
-    device_opt = getattr(resolved.backbone.options, "device", None)
+    device_opt = resolved.backbone.options.device
     accelerator = Accelerator(cpu=(device_opt == "cpu"))
     set_seed(tr.seed)
     device = torch.device(device_opt) if device_opt else accelerator.device
     backbone.load(device)
 
-    # prompts -> embeddings, once; the text encoder leaves memory after this
+    # prompts -> conditions, once; the text encoders leave memory after this
     every = [""] + prompts.unlearn + prompts.target_prompts + list(prompts.anchors.values()) + prompts.preserved
-    embeddings = backbone.encode_prompts(every)
+    conditions = backbone.encode_prompts(every)
 
-    def embed(batch: list[str]) -> torch.Tensor:
-        return torch.stack([embeddings[p] for p in batch])
+    def embed(batch: list[str]):
+        """Prompts -> the backbone's batched condition."""
+        return backbone.collate([conditions[p] for p in batch])
 
     masks = {p: backbone.concept_token_mask(p, prompts.target) for p in dict.fromkeys(prompts.unlearn + prompts.target_prompts)}
+    empty = [p for p, m in masks.items() if not bool(m.any())]
+    if empty:
+        raise T2VUError(f"the prompt {empty[0]!r} has no token in the {resolved.backbone.name} condition (it is empty "
+                        f"or truncated away: check the backbone's text length and prompt template options)")
 
     sites = backbone.sites()
-    erasers = resolved.eraser.build().build(sites).to(device)
+    options_cls = type(resolved.backbone.options)
+    try:
+        erasers = resolved.eraser.build().build(sites, presets=options_cls.site_presets,
+                                                default=options_cls.default_sites).to(device)
+    except ValueError as exc:
+        raise T2VUError(str(exc)) from None
     erasers.attach(sites)
     losses = [(r, r.build()) for r in resolved.losses]
     if tr.gradient_checkpointing:
         backbone.enable_gradient_checkpointing()
 
-    stream_of = {site.name: getattr(site, "stream", "video") for site in sites}
+    stream_of = {site.name: site.stream for site in sites}
+    chosen = set(erasers.site_names)
+    attention_names = list(dict.fromkeys(site.attention for site in sites))
+    attention_modules = list(dict.fromkeys(s.attention for s in sites if s.name in chosen and s.stream == "video"))
     _check_stream_start(tr, erasers, {stream_of[name] for name in erasers.site_names})
     params = [p for p in erasers.parameters() if p.requires_grad]
     groups = _param_groups(tr, erasers, stream_of)
@@ -169,11 +182,12 @@ def train(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict
             if prompts.preserved:
                 conds[PRESERVED] = [rng.choice(prompts.preserved) for _ in range(b)]
             ctx = StepContext(backbone, erasers, states.x_t, states.t, conds, embed,
-                              token_masks={TARGET: torch.stack([masks[p] for p in conds[TARGET]])})
-            if states.teacher:
+                              token_masks={TARGET: torch.stack([masks[p] for p in conds[TARGET]])},
+                              attention_modules=attention_modules or None, attention_names=attention_names)
+            if "uncond" in states.teacher:
                 ctx.seed_frozen(UNCOND, states.teacher["uncond"])
-                if conds[TARGET] == states.prompts:  # the sampler's conditional pass is this condition
-                    ctx.seed_frozen(TARGET, states.teacher["cond"])
+            if "cond" in states.teacher and conds[TARGET] == states.prompts:  # the sampler's conditional pass
+                ctx.seed_frozen(TARGET, states.teacher["cond"])
             ctx.prefetch(needs)
             terms = {r.name: loss(ctx) for r, loss in losses}
             total = sum(r.options.weight * terms[r.name] for r, _ in losses)

@@ -44,7 +44,7 @@ def _print_warnings(caught) -> None:
 @eraser_app.command(
     "import",
     epilog="Example: t2vu eraser import ./t2vu-erasers/nudity --out nudity.safetensors "
-           "--model ./CogVideoX-5b --target nudity",
+           "--backbone cogvideox --model ./CogVideoX-5b --target nudity",
 )
 def import_cmd(
     path: Path = typer.Argument(..., help="Upstream eraser folder (eraser_weights.pt + eraser_config.json)."),
@@ -53,17 +53,23 @@ def import_cmd(
         None, "--model", help="Diffusers model folder the eraser was trained for; only "
                               "transformer/config.json is read, so loading can check the model."),
     target: Optional[str] = typer.Option(None, "--target", help="The erased concept, recorded in the file."),
-    backbone: str = typer.Option("cogvideox", "--backbone", help="Backbone the eraser belongs to."),
+    backbone: Optional[str] = typer.Option(
+        None, "--backbone", help="Backbone plugin the eraser belongs to, e.g. cogvideox or hunyuanvideo (needed "
+                                 "unless t2vu exported the folder)."),
+    strength: Optional[float] = typer.Option(
+        None, "--strength", help="The factor upstream scales each adapter's output by (HunyuanVideo's "
+                                 "eraser_weight); folded into the weights. Default: the folder's eraser_weight, else 1."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
 ) -> None:
     """Convert an upstream T2VUnlearning eraser folder into a t2vu eraser file."""
-    from t2vu.core.eraser_io import import_upstream, read_eraser_metadata
+    from t2vu.core.eraser_file import read_eraser_metadata
+    from t2vu.core.upstream import import_upstream
 
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             written = import_upstream(path, out, backbone=backbone, model_path=model, target=target,
-                                      overwrite=force)
+                                      overwrite=force, strength=strength)
         _print_warnings(caught)
         meta = read_eraser_metadata(written)
     except T2VUError as exc:
@@ -81,7 +87,7 @@ def export_cmd(
     force: bool = typer.Option(False, "--force", help="Overwrite the files if the folder already has them."),
 ) -> None:
     """Write an eraser in the upstream T2VUnlearning folder format."""
-    from t2vu.core.eraser_io import export_upstream
+    from t2vu.core.upstream import export_upstream
 
     try:
         folder = export_upstream(file, out, overwrite=force)
@@ -106,7 +112,7 @@ def info_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the metadata as JSON."),
 ) -> None:
     """Show what an eraser file is for: backbone, config hash, type, rank, sites, target."""
-    from t2vu.core.eraser_io import read_eraser_metadata
+    from t2vu.core.eraser_file import read_eraser_metadata
 
     try:
         meta = read_eraser_metadata(file)

@@ -17,8 +17,9 @@ def generate_command(
     eraser: Optional[Path] = typer.Option(None, "--eraser", help="Eraser file (default: <output.dir>/eraser.safetensors)."),
     compare: bool = typer.Option(False, "--compare", help="Also generate without the eraser, same seed, and a side-by-side GIF."),
     seed: int = typer.Option(0, "--seed", help="Noise seed."),
-    steps: int = typer.Option(25, "--steps", help="Sampler steps."),
-    guidance: float = typer.Option(5.0, "--guidance", help="Classifier-free guidance scale."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Sampler steps (default: the backbone's)."),
+    guidance: Optional[float] = typer.Option(
+        None, "--guidance", help="Guidance scale, as the backbone guides (default: the backbone's)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for the videos (default: <output.dir>/samples)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
@@ -33,7 +34,12 @@ def generate_command(
 
         eraser_path = default_eraser(resolved, eraser)
         backbone, handle, embeddings = load_for_generation(resolved, eraser_path, [prompt])
-        tr = resolved.spec.training
+        tr, defaults = resolved.spec.training, resolved.video_defaults
+        steps = steps or defaults.steps
+        guidance = guidance if guidance is not None else defaults.guidance
+        if steps is None or guidance is None:
+            raise T2VUError(f"backbone {resolved.backbone.name!r} has no default sampler steps or guidance; "
+                            "pass --steps and --guidance")
         kwargs = dict(num_frames=tr.num_frames, height=tr.height, width=tr.width, steps=steps, guidance=guidance)
         erased = generate(backbone, embeddings, [prompt], [seed], **kwargs)[0]
         original = generate(backbone, embeddings, [prompt], [seed], disabled_erasers=handle.erasers,
@@ -45,11 +51,12 @@ def generate_command(
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "prompt"
     folder = (out or Path(resolved.spec.output.dir) / "samples") / f"{slug}-seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
-    write_video(folder / "erased.mp4", erased)
+    video = {"fps": resolved.video_defaults.fps, "upscale": resolved.video_defaults.upscale}
+    write_video(folder / "erased.mp4", erased, **video)
     written = [folder / "erased.mp4"]
     if original is not None:
-        write_video(folder / "original.mp4", original)
-        write_video(folder / "compare.gif", side_by_side(original, erased))
+        write_video(folder / "original.mp4", original, **video)
+        write_video(folder / "compare.gif", side_by_side(original, erased), **video)
         written += [folder / "original.mp4", folder / "compare.gif"]
         console.print(f"mean pixel change: {float((erased - original).abs().mean()):.4f}")
     for path in written:

@@ -99,10 +99,10 @@ def load_for_generation(resolved: ResolvedSpec, eraser_path: Path, prompts: list
     """The backbone (loaded), the eraser attached to it, and the prompts' embeddings."""
     import torch
 
-    from t2vu.core.eraser_io import load_eraser
+    from t2vu.core.eraser_load import load_eraser
 
     backbone = resolved.backbone.build()
-    device = getattr(resolved.backbone.options, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolved.backbone.options.device or ("cuda" if torch.cuda.is_available() else "cpu")
     backbone.load(device)
     embeddings = backbone.encode_prompts([""] + list(prompts))
     handle = load_eraser(backbone.transformer, eraser_path)
@@ -150,7 +150,8 @@ def write_report(resolved, eraser_path, results, summary, before, after, console
     thumbs.mkdir(parents=True, exist_ok=True)
     picked = _spread(results, resolved.spec.eval.thumbnails)
     for i in picked:
-        write_video(thumbs / f"{i:04d}.gif", side_by_side(before[i], after[i]))
+        write_video(thumbs / f"{i:04d}.gif", side_by_side(before[i], after[i]), fps=resolved.video_defaults.fps,
+                    upscale=resolved.video_defaults.upscale)
     report = {
         "eraser": str(eraser_path), "summary": summary,
         "rows": [{**asdict(r.item), "before": r.before, "after": r.after, "pixel_change": r.pixel_change}

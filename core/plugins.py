@@ -31,12 +31,12 @@ ENTRY_POINT_GROUP = "t2vu"
 #: Built-in plugin modules, registered exactly like third-party ones.
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "t2vu.backbones.cogvideox",
+    "t2vu.backbones.hunyuanvideo",
     "t2vu.plugins.adapter",
     "t2vu.losses.negative_guidance",
     "t2vu.losses.preservation",
     "t2vu.losses.localization",
     "t2vu.concept_sources.basic",
-    "t2vu.toy.plugin",
     "t2vu.concept_sources.wordnet",
     "t2vu.concept_sources.llm",
     "t2vu.plugins.augment",

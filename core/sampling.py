@@ -1,13 +1,14 @@
-"""Generic classifier-free-guidance sampling through the backbone API.
+"""Sampling through the backbone contract, and writing videos.
 
-Used by ``t2vu generate`` and ``t2vu eval``: the same noise (from a seed) is
-sampled with and without the eraser, so the two videos differ only by it.
+``t2vu generate`` and ``t2vu eval`` sample the same noise (from a seed) with and
+without the eraser, so the two videos differ only by it; training states come
+from the same :func:`run_sampler`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -18,19 +19,25 @@ def initial_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_latents(backbone, cond: torch.Tensor, uncond: torch.Tensor, noise: torch.Tensor,
-                   steps: int, guidance: float) -> torch.Tensor:
-    """DDIM with CFG from ``noise`` ``[B, *latent]``; ``cond``/``uncond`` ``[B, text_len, D]``."""
+def run_sampler(backbone, noise: torch.Tensor, cond, uncond, *, steps: int, guidance: float,
+                depth: Optional[int] = None, visit: Optional[Callable] = None) -> torch.Tensor:
+    """The one trajectory generator (``generate``, ``eval`` and training states all sample through it).
+
+    From ``noise`` ``[B, *latent]``, step the backbone's own sampler (:meth:`Backbone.sampler`) with its guided
+    prediction (:meth:`Backbone.guided`: two-pass CFG or embedded guidance, the backbone decides) under the
+    batched conditions ``cond`` / ``uncond``. ``visit(t, x, guided)`` sees every state before its step;
+    ``depth`` stops after that many steps. Returns the latents where it stopped (clean ones after the last step).
+    """
     x = noise.to(backbone.device)
+    sampler = backbone.sampler(steps)
     b = x.size(0)
-    timesteps = backbone.sampler_timesteps(steps)
-    for i, t in enumerate(timesteps):
-        tt = t.repeat(b)
-        pred = backbone.predict(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([uncond, cond]))
-        v_u, v_c = pred[:b], pred[b:]
-        v = v_u + guidance * (v_c - v_u)
-        t_prev = timesteps[i + 1].repeat(b) if i + 1 < len(timesteps) else None
-        x = backbone.sampler_step(v, tt, t_prev, x)
+    for i, t in enumerate(sampler.timesteps):
+        if depth is not None and i >= depth:
+            break
+        out = backbone.guided(x, t.repeat(b), cond, uncond, guidance)
+        if visit is not None:
+            visit(t, x, out)
+        x = sampler.step(out.prediction, t, x)
     return x
 
 
@@ -38,7 +45,10 @@ def sample_latents(backbone, cond: torch.Tensor, uncond: torch.Tensor, noise: to
 def generate(backbone, embeddings: dict, prompts: Sequence[str], seeds: Sequence[int], *, num_frames: int,
              height: int, width: int, steps: int, guidance: float, disabled_erasers=None, batch_size: int = 8
              ) -> torch.Tensor:
-    """Videos ``[B, F, 3, H, W]`` in [0, 1]; with ``disabled_erasers`` those erasers are switched off."""
+    """Videos ``[B, F, 3, H, W]`` in [0, 1]; with ``disabled_erasers`` those erasers are switched off.
+
+    ``embeddings`` maps each prompt (and ``""``) to its condition (:meth:`Backbone.encode_prompts`).
+    """
     shape = backbone.latent_shape(num_frames, height, width)
     videos = []
     off = disabled_erasers.disabled() if disabled_erasers is not None else contextlib.nullcontext()
@@ -46,9 +56,9 @@ def generate(backbone, embeddings: dict, prompts: Sequence[str], seeds: Sequence
         for i in range(0, len(prompts), batch_size):
             chunk, chunk_seeds = list(prompts[i:i + batch_size]), list(seeds[i:i + batch_size])
             noise = torch.stack([initial_noise(shape, s) for s in chunk_seeds])
-            cond = torch.stack([embeddings[p] for p in chunk])
-            uncond = torch.stack([embeddings[""]] * len(chunk))
-            latents = sample_latents(backbone, cond, uncond, noise, steps, guidance)
+            cond = backbone.collate([embeddings[p] for p in chunk])
+            uncond = backbone.collate([embeddings[""]] * len(chunk))
+            latents = run_sampler(backbone, noise, cond, uncond, steps=steps, guidance=guidance)
             videos.append(backbone.decode(latents).float().cpu())
     return torch.cat(videos)
 
@@ -61,28 +71,18 @@ def to_uint8_frames(video: torch.Tensor, upscale: int = 1):
     return v.permute(0, 2, 3, 1).numpy()
 
 
-def write_video(path, video: torch.Tensor, fps: int = 8, upscale: Optional[int] = None) -> None:
-    """mp4 (imageio-ffmpeg) or gif, from ``[F, 3, H, W]`` in [0, 1]."""
-    import imageio.v3 as iio
-
-    k = upscale or max(1, 256 // max(video.shape[-2:]))
-    frames = to_uint8_frames(video, k)
+def write_video(path, video: torch.Tensor, fps: int = 8, upscale: int = 1) -> None:
+    """mp4 (diffusers' ``export_to_video``) or gif, from ``[F, 3, H, W]`` in [0, 1]; ``upscale`` enlarges
+    each pixel (the backbone's ``defaults.upscale``: tiny pixel-space models)."""
+    frames = to_uint8_frames(video, upscale)
     if str(path).endswith(".gif"):
+        import imageio.v3 as iio
+
         iio.imwrite(path, frames, duration=int(1000 / fps), loop=0)
     else:
-        _write_mp4(path, frames, fps)
+        from diffusers.utils import export_to_video
 
-
-def _write_mp4(path, frames, fps: int) -> None:
-    import imageio_ffmpeg
-
-    h, w = frames.shape[1:3]
-    writer = imageio_ffmpeg.write_frames(str(path), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
-                                         macro_block_size=16, quality=8)
-    writer.send(None)
-    for frame in frames:
-        writer.send(frame.tobytes() if frame.flags.c_contiguous else frame.copy().tobytes())
-    writer.close()
+        export_to_video(list(frames), str(path), fps=fps)
 
 
 def side_by_side(left: torch.Tensor, right: torch.Tensor, gap: int = 1) -> torch.Tensor:

@@ -14,11 +14,12 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo
 
+from t2vu.core.protocols import VideoDefaults
 from t2vu.core.registry import Component, Options, Registry
 
 PathKey = tuple[Union[str, int], ...]
@@ -40,10 +41,24 @@ Dtype = Literal["float32", "float16", "bfloat16"]
 
 
 class BackboneOptions(Options):
-    """Options every backbone shares; backbone plugins subclass this."""
+    """Options every backbone shares; backbone plugins subclass this.
+
+    Class-level settings a backbone may override (read without importing torch):
+    ``defaults`` (a :class:`~t2vu.core.protocols.VideoDefaults`: frames, size, sampler steps and guidance
+    for what the spec leaves out), ``site_presets`` (names for groups of eraser sites) and
+    ``default_sites`` (the preset used when ``eraser.sites`` is unset), ``example_path`` (shown by
+    ``t2vu spec init``).
+    """
+
+    defaults: ClassVar[VideoDefaults] = VideoDefaults()
+    site_presets: ClassVar[dict[str, list[str]]] = {}
+    default_sites: ClassVar[Optional[str]] = None
+    example_path: ClassVar[str] = "./model"
 
     model_path: SpecPath = Field(description="Local diffusers-format model folder.")
     dtype: Dtype = Field("bfloat16", description="Dtype of the frozen base model.")
+    device: Optional[str] = Field(None, description="Device to run on, e.g. 'cuda:1' or 'cpu' (default: "
+                                  "accelerate's choice for training, the first GPU if any for generate/eval).")
 
 
 class LossOptions(Options):
@@ -94,9 +109,9 @@ class TrainingSpec(_Strict):
     lr_scheduler: Literal["cosine", "constant", "linear"] = "cosine"
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    num_frames: int = Field(49, gt=0)
-    height: int = Field(480, gt=0)
-    width: int = Field(720, gt=0)
+    num_frames: Optional[int] = Field(None, gt=0, description="Frames of the training videos (default: the backbone's).")
+    height: Optional[int] = Field(None, gt=0, description="Height in pixels (default: the backbone's).")
+    width: Optional[int] = Field(None, gt=0, description="Width in pixels (default: the backbone's).")
     seed: int = 42
     gradient_checkpointing: bool = True
     checkpoint_every: int = Field(0, ge=0, description="Save a checkpoint every N steps (0: never).")
@@ -104,8 +119,10 @@ class TrainingSpec(_Strict):
         "noise", description="Where x_t comes from: noised random latents; the frozen model's CFG sampler "
         "run from a target prompt (its predictions reused as teacher values); or the erased model's sampler.")
     refresh_every: int = Field(50, gt=0, description="Trajectory states: sample new trajectories every N steps.")
-    sample_steps: int = Field(50, gt=1, description="Trajectory states: sampler steps per trajectory.")
-    guidance_scale: float = Field(6.0, ge=1, description="Trajectory states: classifier-free guidance scale.")
+    sample_steps: Optional[int] = Field(None, gt=1, description="Trajectory states: sampler steps per trajectory "
+                                        "(default: the backbone's inference steps).")
+    guidance_scale: Optional[float] = Field(None, ge=1, description="Trajectory states: guidance scale, as the "
+                                            "backbone guides (default: the backbone's).")
     stream_start: dict[Literal["video", "text"], Annotated[int, Field(ge=0)]] = Field(
         default_factory=dict, description="Eraser stream -> the step it starts at; before it that stream's "
         "adapters are off (no change, no gradient), e.g. {text: 100}: the video adapters first learn alone "
@@ -128,8 +145,9 @@ class EvalSpec(_Strict):
     judges: list[Union[str, dict[str, Any]]] = Field(default_factory=list, description="Evaluator names or blocks.")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1,
                              description="Seeds for prompts that do not carry their own.")
-    steps: int = Field(25, gt=0, description="Sampler steps.")
-    guidance: float = Field(5.0, ge=1, description="Classifier-free guidance scale.")
+    steps: Optional[int] = Field(None, gt=0, description="Sampler steps (default: the backbone's).")
+    guidance: Optional[float] = Field(None, ge=1, description="Guidance scale, as the backbone guides: two-pass "
+                                      "classifier-free or embedded (default: the backbone's).")
     batch_size: int = Field(8, gt=0)
     num_frames: Optional[int] = Field(None, gt=0, description="Default: training.num_frames.")
     height: Optional[int] = Field(None, gt=0, description="Default: training.height.")
@@ -247,6 +265,11 @@ class ResolvedSpec:
         if data.get("eval") is not None:
             out["eval"] = data["eval"]
         return out
+
+    @property
+    def video_defaults(self) -> VideoDefaults:
+        """The backbone's defaults (sampler steps, guidance, fps, upscaling of written videos)."""
+        return getattr(type(self.backbone.options), "defaults", VideoDefaults())
 
     def components(self) -> list[Resolved]:
         anchor = [self.anchor_source] if self.anchor_source is not None else []
@@ -545,6 +568,8 @@ def validate(doc: SpecDocument, registry: Registry) -> ResolvedSpec:
                      if isinstance(anchor, dict) else None)
     if spec is not None and not problems:
         problems.extend(_cross_checks(spec, resolved, doc))
+    if spec is not None and not problems:
+        spec = _fill_backbone_defaults(spec, resolved["backbone"], doc, problems)
     if problems:
         raise SpecError(problems, doc.source)
     assert spec is not None
@@ -588,6 +613,37 @@ def _cross_checks(spec: RunSpec, resolved: dict[str, Any], doc: SpecDocument) ->
         path = ("concept", "prompts")
         problems.append(Problem(path, f"prompts file not found: {spec.concept.prompts}", doc.line(path), doc.origin(path)))
     return problems
+
+
+#: spec field -> the VideoDefaults field that fills it when the spec leaves it out
+_DEFAULTED = {("training", "num_frames"): "num_frames", ("training", "height"): "height",
+              ("training", "width"): "width", ("training", "sample_steps"): "steps",
+              ("training", "guidance_scale"): "guidance", ("eval", "steps"): "steps", ("eval", "guidance"): "guidance"}
+
+
+def _fill_backbone_defaults(spec: RunSpec, backbone: Optional[Resolved], doc: SpecDocument,
+                            problems: list[Problem]) -> RunSpec:
+    """Fields the spec leaves out, from the backbone's ``defaults``; a field with neither is a problem."""
+    if backbone is None:
+        return spec
+    defaults: VideoDefaults = getattr(type(backbone.options), "defaults", VideoDefaults())
+    sections = {"training": spec.training, "eval": spec.eval}
+    updates: dict[str, dict[str, Any]] = {"training": {}, "eval": {}}
+    for (section, key), default_key in _DEFAULTED.items():
+        model = sections[section]
+        if model is None or getattr(model, key) is not None:
+            continue
+        value = getattr(defaults, default_key)
+        needed = not (section == "training" and key in ("sample_steps", "guidance_scale")
+                      and spec.training.states == "noise")  # only trajectory states run a sampler
+        if value is None and needed:
+            path = (section, key)
+            problems.append(Problem(path, f"backbone {backbone.name!r} has no default for {section}.{key}; set it",
+                                    doc.line(path), doc.origin(path)))
+        updates[section][key] = value
+    training = spec.training.model_copy(update=updates["training"])
+    ev = spec.eval.model_copy(update=updates["eval"]) if spec.eval is not None else None
+    return spec.model_copy(update={"training": training, "eval": ev})
 
 
 def load_spec(path: Union[str, Path], registry: Registry, overrides: Optional[list[str]] = None) -> ResolvedSpec:

@@ -14,7 +14,7 @@ def _backbone_lines(component: Component) -> list[str]:
     for name, field in component.options.model_fields.items():
         desc = f"  # {field.description}" if field.description else ""
         if field.default is PydanticUndefined:
-            value = "./CogVideoX-5b" if name == "model_path" else "null"
+            value = getattr(component.options, "example_path", "./model") if name == "model_path" else "null"
             lines.append(f"  {name}: {value}  # (required) {field.description or ''}".rstrip())
         else:
             lines.append(f"  {name}: {json.dumps(field.default)}{desc}")
@@ -23,13 +23,22 @@ def _backbone_lines(component: Component) -> list[str]:
 
 def starter_spec(backbone: Component) -> str:
     body = "\n".join(_backbone_lines(backbone))
+    d = getattr(backbone.options, "defaults", None)
+    video = [f"  {k}: {v}" for k, v in (("num_frames", getattr(d, "num_frames", None)),
+                                         ("height", getattr(d, "height", None)), ("width", getattr(d, "width", None)))]
+    video = "\n".join(line if not line.endswith("None") else line.replace("None", "null  # (required)")
+                      for line in video)
+    presets = getattr(backbone.options, "site_presets", {}) or {}
+    default_sites = getattr(backbone.options, "default_sites", None)
+    sites = (f"\n  # sites: [{default_sites}]  # where erasers attach: {', '.join(presets)} or name patterns"
+             if presets else "")
     return f"""# t2vu run spec: train an eraser with `t2vu run THIS_FILE`.
 # Validate with `t2vu spec validate THIS_FILE`; relative paths resolve against this file's folder.
 {body}
 
 eraser:
   name: adapter        # Linear -> GELU -> Linear on each self-attention's video output
-  rank: 128
+  rank: 128{sites}
 
 concept:
   target: nudity       # the concept to erase
@@ -48,9 +57,7 @@ training:
   steps: 500
   batch_size: 1
   learning_rate: 1.0e-4
-  num_frames: 49
-  height: 480
-  width: 720
+{video}
   seed: 42
   gradient_checkpointing: true
 

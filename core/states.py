@@ -1,9 +1,9 @@
 """Training states ``x_t``: where the (noisy latent, timestep) pairs come from.
 
 ``noise``: noised random latents (cheap, off the model's distribution).
-``trajectory``: the frozen model's own CFG sampler run from target prompts;
-the unconditional and conditional predictions the sampler computed at each
-state are kept and reused as teacher values instead of being recomputed.
+``trajectory``: the frozen model's own guided sampler (:func:`t2vu.core.sampling.run_sampler`) run from
+target prompts; the frozen predictions the sampler computed at each state (two-pass CFG: unconditional and
+conditional; see :class:`t2vu.core.protocols.Guided`) are kept and reused as teacher values.
 ``erased_trajectory``: the same sampler with erasers on (ESD), refreshed every
 ``refresh_every`` steps; its predictions are not the frozen model's, so the
 teacher is recomputed.
@@ -44,37 +44,33 @@ class TrajectoryStates:
     """States along sampler trajectories of target prompts, refreshed every ``refresh_every`` steps."""
 
     def __init__(self, backbone, erasers, latent_shape, generator: torch.Generator, device,
-                 embed: Callable[[list[str]], torch.Tensor], *, erased: bool, refresh_every: int,
+                 embed: Callable[[list[str]], object], *, erased: bool, refresh_every: int,
                  sample_steps: int, guidance_scale: float, rng: random.Random):
         self.backbone, self.erasers, self.shape = backbone, erasers, latent_shape
         self.gen, self.device, self.embed = generator, device, embed
         self.erased, self.refresh_every = erased, refresh_every
         self.sample_steps, self.guidance_scale, self.rng = sample_steps, guidance_scale, rng
-        self.pool: list[tuple] = []  # (x_t, t, prompt, v_uncond, v_cond), one per state
+        self.pool: list[tuple] = []  # (x_t, t, prompt, {role: frozen prediction}), one per state
         self.sampler_calls = 0
 
     @torch.no_grad()
     def _refresh(self, prompts: list[str]) -> None:
+        from t2vu.core.sampling import run_sampler
+
         b = len(prompts)
-        x = torch.randn((b, *self.shape), generator=self.gen).to(self.device)
-        timesteps = self.backbone.sampler_timesteps(self.sample_steps)
+        x = torch.randn((b, *self.shape), generator=self.gen)
         # stop at a random depth: states beyond it are never used before the next refresh
-        depth = self.rng.randint(1, len(timesteps))
-        uncond = self.embed([""] * b)
-        cond = self.embed(prompts)
+        depth = self.rng.randint(1, self.sample_steps)
         pool = []
-        ctx = self.erasers.disabled() if not self.erased else contextlib.nullcontext()
-        with ctx:
-            for i, t in enumerate(timesteps[:depth]):
-                tt = t.repeat(b)
-                pred = self.backbone.predict(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([uncond, cond]))
-                self.sampler_calls += 1
-                v_u, v_c = pred[:b], pred[b:]
-                for j in range(b):
-                    pool.append((x[j], t, prompts[j], v_u[j], v_c[j]))
-                v = v_u + self.guidance_scale * (v_c - v_u)
-                t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else None
-                x = self.backbone.sampler_step(v, tt, None if t_prev is None else t_prev.repeat(b), x)
+
+        def visit(t, x_t, guided):
+            self.sampler_calls += 1
+            for j in range(b):
+                pool.append((x_t[j], t, prompts[j], {role: v[j] for role, v in guided.frozen.items()}))
+
+        with self.erasers.disabled() if not self.erased else contextlib.nullcontext():
+            run_sampler(self.backbone, x, self.embed(prompts), self.embed([""] * b), steps=self.sample_steps,
+                        guidance=self.guidance_scale, depth=depth, visit=visit)
         self.pool = pool
 
     def next(self, step: int, prompts: list[str]) -> States:
@@ -82,12 +78,12 @@ class TrajectoryStates:
             self._refresh(prompts)
         picks = [self.rng.randrange(len(self.pool)) for _ in prompts]
         x_t = torch.stack([self.pool[i][0] for i in picks])
-        t = torch.stack([self.pool[i][1] for i in picks]).to(self.device)
+        t = torch.stack([torch.as_tensor(self.pool[i][1]) for i in picks]).to(self.device)
         chosen = [self.pool[i][2] for i in picks]
         teacher = {}
-        if not self.erased:  # the sampler ran the frozen model: its CFG pass is the teacher
-            teacher = {"uncond": torch.stack([self.pool[i][3] for i in picks]),
-                       "cond": torch.stack([self.pool[i][4] for i in picks])}
+        if not self.erased:  # the sampler ran the frozen model: the predictions it made are teacher values
+            roles = set.intersection(*(set(self.pool[i][3]) for i in picks))
+            teacher = {role: torch.stack([self.pool[i][3][role] for i in picks]) for role in sorted(roles)}
         return States(x_t, t, chosen, teacher)
 
 

@@ -14,8 +14,10 @@ class LocalizationOptions(LossOptions):
     """mean_l ||o_l * (1 - M)||^2, M from the frozen video->concept attention."""
 
     threshold: float = Field(0.1, ge=0, le=1, description="Mask threshold on the min-max normalised attention.")
-    layers: Optional[list[int]] = Field(
-        None, description="Block indices whose attention builds the mask (default: all eraser sites).")
+    sites: Optional[list[str]] = Field(
+        None, min_length=1, description="Attention modules whose video->concept attention builds the mask, as "
+        "patterns over their names ('transformer_blocks.1?.attn1', 'single_transformer_blocks.*.attn'). "
+        "Default: the modules the video erasers sit on.")
 
 
 @hookimpl

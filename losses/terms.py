@@ -78,12 +78,12 @@ class LocalizationLoss:
         self.options = options
 
     def needs(self) -> list[Need]:
-        layers = tuple(self.options.layers) if self.options.layers is not None else None
-        return [Need("attention", TARGET, layers), Need("eraser_outputs", TARGET)]
+        sites = tuple(self.options.sites) if self.options.sites is not None else None
+        return [Need("attention", TARGET, sites), Need("eraser_outputs", TARGET)]
 
     def mask(self, ctx) -> torch.Tensor:
         """``[B, N_video]`` binary mask of the concept's region."""
-        attention = ctx.attention(TARGET, self.options.layers)
+        attention = ctx.attention(TARGET, self.options.sites)
         return concept_mask(attention, self.options.threshold).flatten(1)
 
     def __call__(self, ctx) -> torch.Tensor:

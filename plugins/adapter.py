@@ -20,8 +20,11 @@ class AdapterOptions(Options):
     """Low-rank MLP adapter added to each attention's video output."""
 
     rank: int = Field(128, gt=0, description="Hidden width of each adapter.")
-    blocks: Optional[list[int]] = Field(
-        None, description="Indices of the transformer blocks that get an eraser (default: all).")
+    sites: Optional[list[str]] = Field(
+        None, min_length=1, description="Which attention modules get an eraser: names of the backbone's site "
+        "presets (HunyuanVideo: 'single', 'double', 'all') and/or patterns over module names "
+        "('transformer_blocks.*.attn1', 'single_transformer_blocks.3?.attn'). Default: the backbone's own "
+        "choice (where the method puts erasers on that model).")
     streams: list[Literal["video", "text"]] = Field(
         ["video"], min_length=1,
         description="What each block's adapter edits: 'video' (the attention's video output, as in "

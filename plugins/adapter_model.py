@@ -7,6 +7,8 @@ transformer with every eraser switched off (:meth:`EraserSet.disabled`).
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import re
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -43,7 +45,8 @@ class Site:
     name: str  # e.g. "transformer_blocks.3.attn1" (video) or "transformer_blocks.3.attn1.text"
     module: nn.Module
     dim: int
-    block: int
+    attention: str  # the attention module's name: what eraser.sites patterns match, and where its
+    # video->text attention is captured (localization)
     stream: str = "video"
 
 
@@ -166,6 +169,19 @@ def _key(site: str) -> str:
     return site.replace(".", "__")
 
 
+def _natural(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def expand_site_patterns(wanted: list[str], presets: dict[str, list[str]]) -> list[str]:
+    """``eraser.sites`` entries -> fnmatch patterns over attention-module names: a preset name stands for
+    its patterns, anything else is a pattern itself (``single_transformer_blocks.*.attn``)."""
+    out: list[str] = []
+    for item in wanted:
+        out += presets.get(item, [item])
+    return list(dict.fromkeys(out))
+
+
 class AdapterEraserFactory:
     """The registered implementation: ``factory(options)`` then ``factory.build(sites)``."""
 
@@ -174,20 +190,27 @@ class AdapterEraserFactory:
     def __init__(self, options):
         self.options = options
 
-    def build(self, sites: list[Site]) -> EraserSet:
+    def build(self, sites: list[Site], presets: Optional[dict[str, list[str]]] = None,
+              default: Optional[str] = None) -> EraserSet:
+        """Adapters on the ``sites`` of ``eraser.streams`` whose attention module matches ``eraser.sites``
+        (patterns, or the name of one of the backbone's ``presets``; unset: the ``default`` preset, else all)."""
         streams = set(self.options.streams)
         missing = streams - {s.stream for s in sites}
         if missing:
             raise ValueError(f"eraser.streams: this backbone has no {sorted(missing)} sites "
                              f"(it has {sorted({s.stream for s in sites})})")
         chosen = [s for s in sites if s.stream in streams]
-        if self.options.blocks is not None:
-            wanted = set(self.options.blocks)
-            blocks = sorted({s.block for s in sites})
-            chosen = [s for s in chosen if s.block in wanted]
-            unknown = wanted - set(blocks)
-            if unknown:
-                raise ValueError(f"eraser.blocks: no block {sorted(unknown)} (the model has {len(blocks)} blocks)")
+        wanted = self.options.sites if self.options.sites is not None else ([default] if default else None)
+        if wanted is not None:
+            patterns = expand_site_patterns(wanted, presets or {})
+            chosen = [s for s in chosen if any(fnmatch.fnmatchcase(s.attention, p) for p in patterns)]
+            unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(s.attention, p) for s in sites)]
+            if unmatched:
+                names = sorted({s.attention for s in sites}, key=_natural)
+                raise ValueError(f"eraser.sites: {unmatched[0]!r} matches no attention module of this model (it has "
+                                 f"{len(names)}: {names[0]} ... {names[-1]}; presets: {sorted(presets or {})})")
+        if not chosen:
+            raise ValueError("eraser.sites and eraser.streams select no site of this model")
         erasers = {s.name: Adapter(s.dim, self.options.rank) for s in chosen}
         return EraserSet(erasers, self.eraser_type, self.options.model_dump(mode="json"))
 

@@ -245,10 +245,15 @@ def test_attention_capture_matches_the_models_real_attention(loaded):
         ref = _explicit_concept_attention(backbone, x, t, e, mask)
         with torch.no_grad(), backbone.capture_attention(mask[None], None, latent_shape=x.shape[1:]) as store:
             backbone.predict(x, t, e)
-    assert sorted(store) == [0, 1]
-    for layer, expected in enumerate(ref):
-        assert store[layer].shape == (1, 3, 4)
-        assert torch.allclose(store[layer].flatten(1), expected, atol=1e-5)
+    names = ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
+    assert sorted(store) == names  # keyed by attention-module name
+    for name, expected in zip(names, ref):
+        assert store[name].shape == (1, 3, 4)
+        assert torch.allclose(store[name].flatten(1), expected, atol=1e-5)
+    with torch.no_grad(), erasers.disabled(), backbone.capture_attention(
+            mask[None], ["transformer_blocks.1.attn1"], latent_shape=x.shape[1:]) as only:
+        backbone.predict(x, t, e)
+    assert list(only) == ["transformer_blocks.1.attn1"] and torch.equal(only[names[1]], store[names[1]])
 
 
 def test_concept_mask_per_frame_and_localization_loss():
@@ -261,7 +266,7 @@ def test_concept_mask_per_frame_and_localization_loss():
         def __init__(self, outputs):
             self.outputs = outputs
 
-        def attention(self, cond, layers=None):
+        def attention(self, cond, modules=None):
             return att
 
         def eraser_outputs(self, cond):
@@ -292,9 +297,9 @@ def test_localization_mask_lands_on_the_region_that_attends_to_the_concept():
     video = torch.stack([e2] * 8)[None]  # 2 frames x 4 tokens
     video[0, 4 + 2] = e1
     store = {}
-    proc = _CaptureProcessor(lambda *a, **k: None, store, 0, torch.tensor([[True, False, False]]), chunk=3)
+    proc = _CaptureProcessor(lambda *a, **k: None, store, "a", torch.tensor([[True, False, False]]), chunk=3)
     proc(attn, video, text)
-    mask = concept_mask(store[0].reshape(1, 2, 4), threshold=0.5)
+    mask = concept_mask(store["a"].reshape(1, 2, 4), threshold=0.5)
     assert mask.tolist() == [[[0, 0, 0, 0], [0, 0, 1, 0]]]
 
 
@@ -322,4 +327,4 @@ def test_cogvideox15_layout_patch_size_t(tmp_path):
         assert torch.equal(backbone.predict(x, t, e), ref)
         with backbone.capture_attention(torch.ones(1, 16, dtype=torch.bool), None, latent_shape=shape) as store:
             backbone.predict(x, t, e)
-    assert store[0].shape == (1, 2, 4)
+    assert store["transformer_blocks.0.attn1"].shape == (1, 2, 4)

@@ -23,8 +23,9 @@ from tiny import build_tiny_cogvideox
 import t2vu
 from t2vu.backbones.cogvideox_model import transformer_sites
 from t2vu.core.cli import app
-from t2vu.core.eraser_io import (config_hash, export_upstream, import_upstream, load_eraser, read_eraser,
-                                 save_eraser)
+from t2vu.core.eraser_file import config_hash, read_eraser, save_eraser
+from t2vu.core.eraser_load import load_eraser
+from t2vu.core.upstream import export_upstream, import_upstream
 from t2vu.core.errors import T2VUError
 from t2vu.plugins.adapter import AdapterOptions
 from t2vu.plugins.adapter_model import AdapterEraserFactory, EraserSet
@@ -160,7 +161,7 @@ def test_save_read_round_trip(transformer, tmp_path):
     assert meta["backbone_config_hash"] == config_hash(transformer.config)
     assert meta["backbone_config"]["num_layers"] == LAYERS and "_name_or_path" not in meta["backbone_config"]
     assert meta["sites"] == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
-    assert meta["eraser_options"] == {"rank": 4, "blocks": None, "streams": ["video"]}
+    assert meta["eraser_options"] == {"rank": 4, "sites": None, "streams": ["video"]}
     assert meta["target"] == "nudity" and meta["spec"] == spec
     assert meta["steps_done"] == 3 and meta["losses"] == {"total": 0.5}
 
@@ -272,13 +273,27 @@ def test_text_stream_erasers_edit_the_text_tokens_attn1_reads(pipe, transformer,
     assert not (tmp_path / "up").exists()
 
 
-def test_adapter_options_choose_blocks_and_streams(transformer):
+def test_adapter_options_choose_sites_and_streams(transformer):
+    """eraser.sites: fnmatch patterns over attention-module names or the backbone's preset names; a pattern that
+    matches nothing is refused with the model's names and presets; unset: the backbone's default preset."""
     import pydantic
 
     sites = transformer_sites(transformer)
-    assert fresh_erasers(transformer, blocks=[1], streams=["text"]).site_names == ["transformer_blocks.1.attn1.text"]
-    with pytest.raises(ValueError, match=r"no block \[5\] \(the model has 2 blocks\)"):
-        AdapterEraserFactory(AdapterOptions(rank=4, blocks=[5])).build(sites)
+    assert fresh_erasers(transformer, sites=["transformer_blocks.1.attn1"], streams=["text"]).site_names == [
+        "transformer_blocks.1.attn1.text"]
+    presets = {"all": ["transformer_blocks.*.attn1"], "first": ["transformer_blocks.0.*"]}
+    build = lambda **o: AdapterEraserFactory(AdapterOptions(rank=4, **o)).build(sites, presets=presets,  # noqa: E731
+                                                                                 default="first")
+    assert build().site_names == ["transformer_blocks.0.attn1"]  # the default preset
+    assert build(sites=["all"]).site_names == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
+    assert build(sites=["transformer_blocks.?.attn1"], streams=["video", "text"]).site_names == [
+        s.name for s in sites]
+    with pytest.raises(ValueError, match=r"'transformer_blocks.5.attn1' matches no attention module of this model "
+                                         r"\(it has 2: transformer_blocks.0.attn1 ... transformer_blocks.1.attn1; "
+                                         r"presets: \['all', 'first'\]\)"):
+        build(sites=["transformer_blocks.5.attn1"])
+    with pytest.raises(pydantic.ValidationError):
+        AdapterOptions(rank=4, sites=[])
     with pytest.raises(ValueError, match=r"no \['text'\] sites"):
         AdapterEraserFactory(AdapterOptions(rank=4, streams=["text"])).build([s for s in sites if s.stream == "video"])
     for bad in ([], ["audio"]):
@@ -290,7 +305,7 @@ def test_upstream_import_gives_upstream_outputs(pipe, transformer, tiny_folder, 
     weights = upstream_weights()
     folder = write_upstream(tmp_path / "t2vu-erasers" / "nudity", weights)
     out = tmp_path / "nudity.safetensors"
-    r = invoke("eraser", "import", folder, "--out", out, "--model", tiny_folder, "--target", "nudity")
+    r = invoke("eraser", "import", folder, "--backbone", "cogvideox", "--out", out, "--model", tiny_folder, "--target", "nudity")
     assert r.exit_code == 0, r.output
     assert "eraser written" in r.output and "warning" not in r.output
 
@@ -327,7 +342,7 @@ def test_flat_upstream_keys_without_model_warn_and_load(transformer, tmp_path):
     folder = write_upstream(tmp_path / "flat", weights, flat=True)
     out = tmp_path / "flat.safetensors"
     with pytest.warns(UserWarning, match="--model"):
-        import_upstream(folder, out)
+        import_upstream(folder, out, backbone="cogvideox")
     meta = read_eraser(out).metadata
     assert meta["backbone_config_hash"] == "unknown" and meta["target"] is None
     assert meta["source"] == "upstream T2VUnlearning" and meta["upstream_config"]["eraser_rank"] == RANK
@@ -338,7 +353,7 @@ def test_flat_upstream_keys_without_model_warn_and_load(transformer, tmp_path):
     with handle:
         torch.testing.assert_close(forward(transformer), reference, rtol=1e-5, atol=1e-6)
 
-    r = invoke("eraser", "import", folder, "--out", tmp_path / "cli.safetensors")
+    r = invoke("eraser", "import", folder, "--backbone", "cogvideox", "--out", tmp_path / "cli.safetensors")
     assert r.exit_code == 0 and "warning:" in r.output and "--model" in r.output
 
 
@@ -348,7 +363,7 @@ def test_half_precision_upstream_weights_become_fp32(transformer, tmp_path):
     folder = write_upstream(tmp_path / "bf16", half)
     out = tmp_path / "bf16.safetensors"
     with pytest.warns(UserWarning):
-        import_upstream(folder, out)
+        import_upstream(folder, out, backbone="cogvideox")
     read = read_eraser(out)
     assert read.metadata["upstream_dtypes"] == ["bfloat16"]
     for site, params in half.items():
@@ -427,19 +442,19 @@ def test_upstream_import_validates(transformer, tmp_path, tiny_folder):
     out = tmp_path / "out.safetensors"
     weights = upstream_weights()
     with pytest.raises(T2VUError, match="config says rank 8 but the tensors have rank 4"):
-        import_upstream(write_upstream(tmp_path / "rank", weights, rank=8), out, model_path=tiny_folder)
+        import_upstream(write_upstream(tmp_path / "rank", weights, rank=8), out, model_path=tiny_folder, backbone="cogvideox")
     broken = {site: dict(params) for site, params in weights.items()}
     del broken["transformer_blocks.1.attn1.adapter"]["up.bias"]
     with pytest.raises(T2VUError, match="missing eraser tensors: transformer_blocks.1.attn1.up.bias"):
-        import_upstream(write_upstream(tmp_path / "missing", broken), out, model_path=tiny_folder)
+        import_upstream(write_upstream(tmp_path / "missing", broken), out, model_path=tiny_folder, backbone="cogvideox")
     bad_shape = {site: dict(params) for site, params in weights.items()}
     bad_shape["transformer_blocks.0.attn1.adapter"]["up.weight"] = torch.zeros(DIM, RANK + 1)
     with pytest.raises(T2VUError, match=r"up.weight has shape \[32, 5\], expected \[32, 4\]"):
-        import_upstream(write_upstream(tmp_path / "shape", bad_shape), out, model_path=tiny_folder)
-    with pytest.raises(T2VUError, match="do not exist in a 2-layer model"):
-        import_upstream(write_upstream(tmp_path / "deep", upstream_weights(layers=3)), out, model_path=tiny_folder)
+        import_upstream(write_upstream(tmp_path / "shape", bad_shape), out, model_path=tiny_folder, backbone="cogvideox")
+    with pytest.raises(T2VUError, match=r"do not exist in this model \(num_layers 2, --model\)"):
+        import_upstream(write_upstream(tmp_path / "deep", upstream_weights(layers=3)), out, model_path=tiny_folder, backbone="cogvideox")
     with pytest.raises(T2VUError, match="eraser width is 64 but the --model transformer's is 32"):
-        import_upstream(write_upstream(tmp_path / "wide", upstream_weights(dim=64)), out, model_path=tiny_folder)
+        import_upstream(write_upstream(tmp_path / "wide", upstream_weights(dim=64)), out, model_path=tiny_folder, backbone="cogvideox")
     with pytest.raises(T2VUError, match="no eraser_weights.pt"):
         import_upstream(tmp_path, out)
 
@@ -457,7 +472,7 @@ def test_upstream_import_validates(transformer, tmp_path, tiny_folder):
 def test_export_reimport_round_trip(transformer, tiny_folder, tmp_path):
     weights = upstream_weights(seed=5)
     first = import_upstream(write_upstream(tmp_path / "up", weights), tmp_path / "a.safetensors",
-                            model_path=tiny_folder, target="nudity")
+                            backbone="cogvideox", model_path=tiny_folder, target="nudity")
     r = invoke("eraser", "export", first, "--out", tmp_path / "exported")
     assert r.exit_code == 0, r.output
 
@@ -486,12 +501,12 @@ def test_cli_import_never_overwrites_without_force(tiny_folder, tmp_path):
     out = tmp_path / "e.safetensors"
     one = write_upstream(tmp_path / "one", upstream_weights(seed=1))
     two = write_upstream(tmp_path / "two", upstream_weights(seed=2))
-    assert invoke("eraser", "import", one, "--out", out, "--model", tiny_folder).exit_code == 0
+    assert invoke("eraser", "import", one, "--backbone", "cogvideox", "--out", out, "--model", tiny_folder).exit_code == 0
     before = out.read_bytes()
-    r = invoke("eraser", "import", two, "--out", out, "--model", tiny_folder)
+    r = invoke("eraser", "import", two, "--backbone", "cogvideox", "--out", out, "--model", tiny_folder)
     assert r.exit_code == 1 and "already exists" in r.output and "--force" in r.output
     assert out.read_bytes() == before
-    r = invoke("eraser", "import", two, "--out", out, "--model", tiny_folder, "--force")
+    r = invoke("eraser", "import", two, "--backbone", "cogvideox", "--out", out, "--model", tiny_folder, "--force")
     assert r.exit_code == 0 and out.read_bytes() != before
     r = invoke("eraser", "import", tmp_path / "missing", "--out", tmp_path / "x.safetensors")
     assert r.exit_code == 1 and "not found" in r.output
@@ -500,7 +515,7 @@ def test_cli_import_never_overwrites_without_force(tiny_folder, tmp_path):
 def test_cli_info(transformer, tiny_folder, tmp_path):
     out = tmp_path / "e.safetensors"
     folder = write_upstream(tmp_path / "up", upstream_weights())
-    assert invoke("eraser", "import", folder, "--out", out, "--model", tiny_folder, "--target", "nudity").exit_code == 0
+    assert invoke("eraser", "import", folder, "--backbone", "cogvideox", "--out", out, "--model", tiny_folder, "--target", "nudity").exit_code == 0
     r = invoke("eraser", "info", out)
     assert r.exit_code == 0, r.output
     for text in ("nudity", "cogvideox", "CogVideoXTransformer3DModel", config_hash(transformer.config),
@@ -535,4 +550,4 @@ def test_import_t2vu_and_eraser_info_stay_light(transformer, tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "HEAVY=\n" in out.stdout, out.stdout[-2000:]
-    assert "LOAD=t2vu.core.eraser_io.load_eraser" in out.stdout
+    assert "LOAD=t2vu.core.eraser_load.load_eraser" in out.stdout

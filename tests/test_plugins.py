@@ -24,6 +24,15 @@ def test_builtins_register_through_hooks():
     assert pm.has_plugin("t2vu.backbones.cogvideox")
 
 
+def test_the_toy_world_is_a_third_party_distribution():
+    """The toy world registers through the entry point of its own distribution, not as a built-in."""
+    reg = plugins.get_registry()
+    comp = reg.get("backbone", "toy")
+    assert comp.distribution == "t2vu-toy" and comp.plugin == "toy"
+    assert "t2vu_toy.plugin" not in plugins.BUILTIN_PLUGINS
+    assert not any(name.startswith("t2vu.toy") for name in plugins.BUILTIN_PLUGINS)
+
+
 def test_third_party_plugin_registers_every_kind():
     reg = plugins.get_registry()
     expected = {"backbone": "example_backbone", "eraser": "example_eraser", "loss": "example_l1",

@@ -68,7 +68,7 @@ def test_another_concept_needs_only_target_and_prompts(tmp_path, spec, target, p
     r = runner.invoke(app, ["run", spec, "--dry-run", "--set", f"concept.target={target}", "--set",
                             f"concept.prompts=[{prompt}]", "--set", f"output.dir={tmp_path}"])
     assert r.exit_code == 0, r.output
-    from t2vu.toy.sources import ToySiblings
+    from t2vu_toy.sources import ToySiblings
 
     assert ToySiblings(plugins.get_registry().get("concept_source", "toy_siblings").options()).concepts(target) \
         == siblings
@@ -116,7 +116,7 @@ def test_any_spec_is_the_shape_spec_with_late_text_adapters(tmp_path):
 def test_shape_target_metrics_do_not_count_erasing_as_shape_damage():
     """Erasing "triangle": target prompts that turn into circles lower target_rate, not shape_accuracy."""
     from t2vu.core.evaluate import EvalPrompt, EvalResult
-    from t2vu.toy.evaluation import ToyPromptSet
+    from t2vu_toy.evaluation import ToyPromptSet
 
     def result(group, shape, after_shape, motion="left", after_motion="left"):
         expect = {"color": "red", "shape": shape, "motion": motion}

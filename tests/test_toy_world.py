@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from t2vu.core import plugins
-from t2vu.toy import judges as J
-from t2vu.toy.world import DEFAULT_WORLD as W
-from t2vu.toy.world import World, shape_mask
+from t2vu_toy import judges as J
+from t2vu_toy.world import DEFAULT_WORLD as W
+from t2vu_toy.world import World, shape_mask
 
 torch.set_num_threads(1)
 torch.set_flush_denormal(True)
@@ -192,7 +192,7 @@ def test_toy_build_is_deterministic(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from t2vu.toy import plugin
+    from t2vu_toy import plugin
 
     cli = typer.Typer()
 
@@ -236,7 +236,7 @@ def test_toy_backbone_folder_errors(tmp_path):
 
 
 def test_shipped_base_loads_through_the_toy_backbone(base):
-    from t2vu.toy.model import BASE_PATH, sample
+    from t2vu_toy.model import BASE_PATH, sample
 
     assert base.path == BASE_PATH and base.world == W
     assert base.latent_shape(4, 32, 32) == (4, 3, 32, 32)
@@ -256,7 +256,7 @@ def held_out_accuracy(base):
     The full benchmark (benchmarks/toy_base.py, 8 seeds each) is the reference;
     this is its small, deterministic slice (same seeds, same clips every run).
     """
-    from t2vu.toy.model import sample
+    from t2vu_toy.model import sample
 
     prompts, truths, seeds = [], [], []
     for (prompt, truth), seed in itertools.product(W.held_out_prompts(), (1000, 1001)):
@@ -270,3 +270,4 @@ def test_shipped_base_draws_held_out_combinations(held_out_accuracy):
     """The issue's targets for the base, on held-out (colour, shape, direction) triples."""
     acc = held_out_accuracy
     assert acc["color"] >= 0.95 and acc["motion"] >= 0.90 and acc["shape"] >= 0.80, acc
+

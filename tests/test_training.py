@@ -84,7 +84,7 @@ def test_text_stream_erasers_train_and_localization_needs_video(tmp_path, tiny_f
     spec = write(tmp_path, tiny_folder, steps=2)
     r = runner.invoke(app, ["run", str(spec), "--set", "eraser.streams=[video, text]"])
     assert r.exit_code == 0, r.output
-    from t2vu.core.eraser_io import read_eraser
+    from t2vu.core.eraser_file import read_eraser
 
     sites = read_eraser(tmp_path / "run" / "eraser.safetensors").sites
     assert "transformer_blocks.0.attn1" in sites and "transformer_blocks.0.attn1.text" in sites
@@ -98,7 +98,7 @@ def test_stream_start_holds_a_stream_off_until_its_step(tmp_path, tiny_folder):
     """training.stream_start {text: 2}: the text adapters change nothing and get no gradient in steps 0-1 (their
     zero-initialised up-projections stay zero while the video ones train), then train; a stream the eraser lacks,
     or one that would start after the last step, stops the run before anything is written."""
-    from t2vu.core.eraser_io import read_eraser
+    from t2vu.core.eraser_file import read_eraser
 
     spec = write(tmp_path, tiny_folder, steps=4, ckpt=1)
     r = runner.invoke(app, ["run", str(spec), "--set", "eraser.streams=[video, text]",
@@ -186,7 +186,7 @@ def test_run_writes_a_loadable_eraser_and_refuses_to_overwrite(tmp_path, tiny_fo
     prompts = json.loads((out / "prompts.json").read_text())
     assert prompts["unlearn"] == ["nudity"] and len(prompts["preserved"]) == 3
 
-    from t2vu.core.eraser_io import read_eraser
+    from t2vu.core.eraser_file import read_eraser
 
     meta = read_eraser(out / "eraser.safetensors").metadata
     assert meta["backbone"] == "cogvideox" and meta["target"] == "nudity" and meta["eraser_type"] == "adapter"
@@ -226,7 +226,7 @@ def test_training_is_deterministic_on_cpu(tmp_path, tiny_folder):
 def _eval_losses(tiny_folder, eraser_path):
     """Fixed evaluation states: distance to the negatively guided target, preserved drift."""
     from t2vu.core.context import PRESERVED, TARGET, UNCOND, StepContext
-    from t2vu.core.eraser_io import load_eraser
+    from t2vu.core.eraser_load import load_eraser
 
     reg = plugins.get_registry()
     backbone = reg.get("backbone", "cogvideox").build({"model_path": str(tiny_folder), "dtype": "float32"})

@@ -1,14 +1,30 @@
 """Registers one component of each kind through t2vu's hooks, as any outside package would."""
 
+from typing import ClassVar, Literal, Optional
+
 from pydantic import Field
 
 from t2vu.core.hookspecs import hookimpl
+from t2vu.core.protocols import VideoDefaults
 from t2vu.core.registry import Options
 from t2vu.core.spec import BackboneOptions, ConceptSourceOptions, LossOptions
 
 
 class ToyBackboneOptions(BackboneOptions):
-    frames: int = Field(4, gt=0)
+    """A folder written by ``t2vu_example.heavy.save_example_model`` (config.json, model.safetensors,
+    scheduler_config.json)."""
+
+    #: a tiny clip and DDIM settings: what training, eval and generate use where the spec is silent
+    defaults: ClassVar[VideoDefaults] = VideoDefaults(num_frames=4, height=8, width=8, steps=4, guidance=3.0,
+                                                      fps=4, upscale=8)
+    site_presets: ClassVar[dict[str, list[str]]] = {"all": ["blocks.*.attn"]}
+    default_sites: ClassVar[Optional[str]] = "all"
+    example_path: ClassVar[str] = "./example-model"
+
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="Dtype of the frozen base model (a tiny CPU model: fp32 by default).")
+    frames: int = Field(4, gt=0, description="Not read by the backbone; an option of its own, so that "
+                        "option validation of third-party backbones has something to check.")
 
 
 class ScaledEraserOptions(Options):

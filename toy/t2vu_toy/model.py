@@ -5,7 +5,7 @@ space: the latent codec is the identity, latents are the clips scaled to
 ``[-1, 1]``, shaped ``[F, 3, H, W]``. Its folder looks like a CogVideoX model
 folder without a ``vae/`` (``transformer/``, ``text_encoder/``, ``tokenizer/``,
 ``scheduler/``, ``model_index.json``) plus ``world.json`` (the vocabulary and
-sizes of :class:`~t2vu.toy.world.World`) and ``training.json`` (the recipe).
+sizes of :class:`~t2vu_toy.world.World`) and ``training.json`` (the recipe).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from t2vu.backbones.cogvideox_model import CogVideoXBackbone
 from t2vu.core.errors import T2VUError
 from t2vu.core.sampling import generate
-from t2vu.toy.world import DEFAULT_WORLD, World, from_latent, to_latent
+from t2vu_toy.world import DEFAULT_WORLD, World, from_latent, to_latent
 
 #: The shipped base model folder (inside the package, so the wheel carries it).
 BASE_PATH = Path(__file__).resolve().parent / "base"
@@ -209,7 +209,7 @@ def build_base(out: Path, *, recipe: Recipe = Recipe(), world: World = DEFAULT_W
 
 # -- the backbone ---------------------------------------------------------------------
 def _options(path, dtype="float32"):
-    from t2vu.toy.plugin import ToyOptions
+    from t2vu_toy.plugin import ToyOptions
 
     return ToyOptions(model_path=Path(path), dtype=dtype)
 

@@ -7,7 +7,7 @@ by changing only ``concept.target`` and ``concept.prompts``.
 
 from __future__ import annotations
 
-from t2vu.toy.evaluation import attribute_of
+from t2vu_toy.evaluation import attribute_of
 
 
 class ToySiblings:
@@ -15,7 +15,7 @@ class ToySiblings:
         self.options = options
 
     def concepts(self, target: str) -> list[str]:
-        from t2vu.toy.world import World
+        from t2vu_toy.world import World
 
         world = World()
         attr = attribute_of(world, target.strip().lower())

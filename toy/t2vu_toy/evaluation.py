@@ -28,7 +28,7 @@ ATTRIBUTES = ("color", "shape", "motion")
 
 
 def _world(resolved):
-    from t2vu.toy.world import World
+    from t2vu_toy.world import World
 
     folder = Path(resolved.backbone.options.model_path)
     return World.from_folder(folder) if (folder / "world.json").exists() else World()

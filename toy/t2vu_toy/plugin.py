@@ -1,18 +1,19 @@
-"""Built-in toy-world plugin: the ``toy`` backbone, the three judges, ``t2vu toy``.
+"""The toy-world plugin (distribution ``t2vu-toy``, found through the ``t2vu`` entry point).
 
 Light on purpose (no torch at import): the implementations live in
-:mod:`t2vu.toy.model` and :mod:`t2vu.toy.judges` and load when used.
+:mod:`t2vu_toy.model` and :mod:`t2vu_toy.judges` and load when used.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 from pydantic import Field
 
 from t2vu.backbones.cogvideox import CogVideoXOptions
 from t2vu.core.hookspecs import hookimpl
+from t2vu.core.protocols import VideoDefaults
 from t2vu.core.registry import Options
 from t2vu.core.spec import ConceptSourceOptions, Dtype, SpecPath
 
@@ -22,6 +23,11 @@ BASE_PATH = Path(__file__).resolve().parent / "base"
 
 class ToyOptions(CogVideoXOptions):
     """A toy-world model folder (default: the base model shipped with t2vu)."""
+
+    #: the world's clips (4 frames of 32x32) and the sampler its benchmarks use (DDIM 25 steps, CFG 5)
+    defaults: ClassVar[VideoDefaults] = VideoDefaults(num_frames=4, height=32, width=32, steps=25, guidance=5.0,
+                                                      fps=8, upscale=4)
+    example_path: ClassVar[str] = str(BASE_PATH)
 
     model_path: SpecPath = Field(BASE_PATH, description="Toy model folder (default: the shipped base).")
     dtype: Dtype = Field("float32", description="Dtype of the frozen base model.")
@@ -33,17 +39,17 @@ class JudgeOptions(Options):
 
 @hookimpl
 def register_backbones(register):
-    register("toy", "t2vu.toy.model:ToyBackbone", options=ToyOptions,
+    register("toy", "t2vu_toy.model:ToyBackbone", options=ToyOptions,
              summary="Tiny pixel-space CogVideoX trained on the toy world (CPU benchmarks)")
 
 
 @hookimpl
 def register_evaluators(register):
-    register("toy_color", "t2vu.toy.judges:ColorJudge", options=JudgeOptions,
+    register("toy_color", "t2vu_toy.judges:ColorJudge", options=JudgeOptions,
              summary="Toy world: dominant hue of the moving shape")
-    register("toy_shape", "t2vu.toy.judges:ShapeJudge", options=JudgeOptions,
+    register("toy_shape", "t2vu_toy.judges:ShapeJudge", options=JudgeOptions,
              summary="Toy world: circle, square or triangle")
-    register("toy_motion", "t2vu.toy.judges:MotionJudge", options=JudgeOptions,
+    register("toy_motion", "t2vu_toy.judges:MotionJudge", options=JudgeOptions,
              summary="Toy world: direction of the shape centroid's travel")
 
 
@@ -61,10 +67,10 @@ def register_commands(cli):
         seed: int = typer.Option(0, "--seed", help="Seed of everything (same seed, same weights)."),
         checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Also save EMA weights every N steps."),
     ) -> None:
-        """Build and train the toy base model (deterministic; the shipped base is the default recipe)."""
+        """Build and train a toy base model (deterministic; the shipped bases are the default recipes)."""
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        from t2vu.toy.model import Recipe, build_base
+        from t2vu_toy.model import Recipe, build_base
 
         recipe = Recipe(seed=seed) if steps is None else Recipe(seed=seed, steps=steps)
         with Progress(TextColumn("training toy base"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -94,11 +100,11 @@ class ToySiblingsOptions(ConceptSourceOptions):
 
 @hookimpl
 def register_prompt_sets(register):
-    register("toy", "t2vu.toy.evaluation:ToyPromptSet", options=ToyPromptsOptions,
+    register("toy", "t2vu_toy.evaluation:ToyPromptSet", options=ToyPromptsOptions,
              summary="Toy world eval prompts (target held out, synonyms, other values) and their metrics")
 
 
 @hookimpl
 def register_concept_sources(register):
-    register("toy_siblings", "t2vu.toy.sources:ToySiblings", options=ToySiblingsOptions,
+    register("toy_siblings", "t2vu_toy.sources:ToySiblings", options=ToySiblingsOptions,
              summary="Toy world: the other values of the target's attribute")

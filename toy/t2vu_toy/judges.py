@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from t2vu.toy.world import DEFAULT_WORLD, SHAPE_AREA, SHAPE_CENTROID_DEPTH, World, coverage
+from t2vu_toy.world import DEFAULT_WORLD, SHAPE_AREA, SHAPE_CENTROID_DEPTH, World, coverage
 
 NONE = "none"
 MIN_STRENGTH = 0.2  # below this the video holds no object (RGB distance from the background)
@@ -164,7 +164,7 @@ class ShapeJudge(Judge):
     The blob is re-cut from the object map smoothed by a 3x3 binomial filter
     (speckle noise would otherwise fray its outline). Each world shape is then
     drawn with the blob's area and its centroid on the blob's centroid
-    (:func:`~t2vu.toy.world.coverage`, anti-aliased), and scored by its
+    (:func:`~t2vu_toy.world.coverage`, anti-aliased), and scored by its
     intersection over union with the blob; the per-frame medians pick the
     shape. Area and centroid barely move when a model's sample has a stray
     column, a chipped corner or a frayed edge, so a rough square stays a

@@ -1,0 +1,160 @@
+"""The backbone contract: what the engine, the sampler and ``load_eraser`` call on a backbone.
+
+A backbone plugin registers ``"module:Class"`` with an ``Options`` model (a
+:class:`t2vu.core.spec.BackboneOptions` subclass). Core calls ``Class(options)``
+(cheap: check the model folder and read configs, raise :class:`T2VUError` with
+what is wrong, load no weights), then the methods below. Core never looks
+inside the transformer, never stacks a condition, never computes a noise
+schedule and never names a block: all of that is the backbone's.
+
+Shapes: ``B`` is the batch; ``*latent`` is whatever :meth:`Backbone.latent_shape`
+returns (CogVideoX ``[F, C, h, w]``, HunyuanVideo ``[C, F, h, w]``); ``L`` the
+text length of the backbone's condition. Predictions are fp32 and shaped like
+``x_t``. This module is light (no torch) so that ``Options`` classes can use
+:class:`VideoDefaults`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, ContextManager, Mapping, Optional, Protocol, Sequence, runtime_checkable
+
+
+@dataclass(frozen=True)
+class VideoDefaults:
+    """A backbone's own defaults for what the spec leaves out (``training``, ``eval``, ``t2vu generate``).
+
+    Set as ``defaults: ClassVar[VideoDefaults]`` on the backbone's ``Options`` class, so a spec can be
+    completed without importing torch. ``None`` means "no default: the spec must say".
+    """
+
+    num_frames: Optional[int] = None
+    height: Optional[int] = None
+    width: Optional[int] = None
+    steps: Optional[int] = None  # sampler steps (training trajectories, eval, generate)
+    guidance: Optional[float] = None  # guidance scale, in the model's own sense (two-pass CFG or embedded)
+    fps: int = 8  # frames per second of written videos
+    upscale: int = 1  # nearest-neighbour upscaling of written videos (tiny pixel-space models)
+
+
+@dataclass
+class Guided:
+    """What :meth:`Backbone.guided` returns.
+
+    ``prediction``: the guided prediction the sampler steps with, ``[B, *latent]``.
+    ``frozen``: condition role (``"cond"``, ``"uncond"``) -> the prediction computed on the way that equals
+    :meth:`Backbone.predict` for that condition at the same ``x_t`` and ``t``; training reuses them as teacher
+    values instead of recomputing. Only predictions that are exactly ``predict``'s belong here (a
+    guidance-distilled model with a different embedded scale returns ``{}``).
+    """
+
+    prediction: Any
+    frozen: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """One inference trajectory's scheduler (stateful schedulers keep their state here, one per trajectory)."""
+
+    timesteps: Any  # 1-D tensor, noisiest first
+
+    def step(self, prediction: Any, t: Any, x: Any) -> Any:
+        """``x`` at the next timestep (the clean sample after the last) from the guided ``prediction`` at ``t``."""
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """The methods and attributes the engine uses. ``Options`` classes may add ``ClassVar`` s:
+
+    - ``defaults: VideoDefaults`` (see above);
+    - ``site_presets: dict[str, list[str]]``: names for groups of eraser sites, e.g. HunyuanVideo's
+      ``{"single": ["single_transformer_blocks.*.attn"], "double": [...], "all": [...]}``; ``eraser.sites``
+      may name a preset or give patterns;
+    - ``default_sites: str``: the preset used when ``eraser.sites`` is unset.
+    """
+
+    name: str  # the registered name, recorded in eraser files
+    transformer: Any  # the frozen torch module, after load(); erasers hook into it
+    config: dict  # the transformer's config (hashed into eraser files); readable before load()
+    device: Any  # torch.device the transformer runs on, after load()
+    forward_calls: int  # transformer forward calls so far (a batched two-pass CFG step is one); tests count
+    # the passes per training step with it
+
+    #: where erasers attach on a transformer: ``transformer_sites(transformer) -> list[Site]``. A staticmethod,
+    #: so ``load_eraser`` can find sites on a stock diffusers pipeline without building the backbone.
+    transformer_sites: ClassVar[Any]
+    #: the upstream T2VUnlearning layout of this backbone's erasers (``t2vu.core.upstream.UpstreamLayout``),
+    #: or ``None`` where upstream released none.
+    upstream: ClassVar[Any]
+
+    # -- loading (engine: once, before anything else heavy) ---------------------------------------------
+    def load(self, device: Any) -> None:
+        """Load the frozen transformer (``requires_grad_(False)``, eval mode) and the scheduler on ``device``.
+        No VAE, no text encoder."""
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Checkpoint the transformer's blocks in erased (grad) passes. Use non-reentrant checkpointing (diffusers'
+        default): with reentrant checkpointing the erasers get no gradient, since the frozen block inputs need none.
+        The eraser hooks run again when a block is recomputed; that is expected."""
+
+    def sites(self) -> list:
+        """``transformer_sites(self.transformer)``: every place an eraser can attach
+        (:class:`t2vu.plugins.adapter_model.Site`, string names such as ``transformer_blocks.3.attn1``).
+
+        A video site's module returns its video tokens ``[B, N_video, dim]`` (alone, or as ``output[0]``), in the
+        frame-major order :meth:`capture_attention` flattens (the localization term multiplies the two); a text
+        site's module takes the text tokens as its ``encoder_hidden_states`` keyword or second positional argument.
+        For ``t2vu.load_eraser`` on a stock model, the transformer has a ``.config`` mapping equal to
+        :attr:`config` (hashed into the file) and takes ``hidden_states`` as its first argument or keyword."""
+
+    # -- conditioning (engine: once per run; the text encoders leave device memory after it) ------------
+    def encode_prompts(self, prompts: Sequence[str]) -> Mapping[str, Any]:
+        """Each distinct prompt (``""`` included when asked for) -> its condition, an object only the backbone
+        reads (CogVideoX: a ``[L, D]`` tensor; HunyuanVideo: embeddings, attention mask and pooled projection).
+        Text encoders run once here, then leave device memory."""
+
+    def collate(self, conditions: Sequence[Any]) -> Any:
+        """Batch per-prompt conditions (in order) into the object :meth:`predict` and :meth:`guided` take."""
+
+    def concept_token_mask(self, prompt: str, concept: str) -> Any:
+        """Bool ``[L]``: the condition positions of ``prompt`` that spell ``concept`` (padding never). A prompt that
+        does not contain the concept's text stands for it whole (all its real tokens); an empty mask means the
+        prompt has no token in the condition, which the engine refuses before training."""
+
+    # -- latents and scheduler maths (engine, states, sampler) ------------------------------------------
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple:
+        """Shape of one latent video (no batch dimension); :class:`T2VUError` for sizes the model cannot take."""
+
+    def sample_timesteps(self, n: int, generator: Any) -> Any:
+        """``[n]`` training timesteps, in the unit :meth:`predict` takes, from the CPU ``generator`` (the states
+        are made on the CPU and moved to :attr:`device` afterwards)."""
+
+    def add_noise(self, x0: Any, noise: Any, t: Any) -> Any:
+        """The forward process: ``x_t`` ``[B, *latent]`` from clean latents and noise at timesteps ``t`` ``[B]``."""
+
+    def sampler(self, num_steps: int) -> Sampler:
+        """A fresh inference scheduler for one trajectory of ``num_steps`` steps (the pipeline's own)."""
+
+    # -- the forward ---------------------------------------------------------------------------------------
+    def predict(self, x_t: Any, t: Any, cond: Any) -> Any:
+        """One transformer forward: ``x_t`` ``[B, *latent]``, ``t`` ``[B]``, ``cond`` from :meth:`collate`
+        (``B`` rows) -> the model's prediction ``[B, *latent]`` (fp32). What the erasers change; the losses
+        compare these. Moves its inputs to :attr:`device` itself. Increments ``forward_calls``."""
+
+    def guided(self, x_t: Any, t: Any, cond: Any, uncond: Any, scale: float) -> Guided:
+        """The guided prediction the stock pipeline steps with, however the model guides: two-pass
+        classifier-free guidance (CogVideoX, Wan) or one pass with an embedded guidance scale
+        (guidance-distilled HunyuanVideo, which ignores ``uncond``)."""
+
+    # -- attention (localization term) -----------------------------------------------------------------
+    def capture_attention(self, token_masks: Any, modules: Optional[Sequence[str]],
+                          latent_shape: Sequence[int]) -> ContextManager[dict]:
+        """While active, the next forward records, for each attention module named in ``modules`` (``None``:
+        those holding a video site) and each batch row whose ``token_masks`` row (bool ``[B, L]``) has a token,
+        the frozen video->concept attention: ``{module: [rows, frames, tokens_per_frame]}`` (softmax mass on the
+        masked tokens, mean over heads, padding excluded), frames and tokens in the order of the video sites'
+        outputs. The forward's outputs are unchanged. Core reads the store after the ``with`` block."""
+
+    # -- generation and evaluation only (training never loads the VAE) -------------------------------------
+    def decode(self, latents: Any) -> Any:
+        """Latents ``[B, *latent]`` -> video ``[B, frames, 3, H, W]`` in [0, 1]."""

@@ -1,1 +1,0 @@
-"""t2vu.toy: a tiny text-to-video world whose concepts deterministic judges can measure."""
