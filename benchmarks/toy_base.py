@@ -6,7 +6,8 @@ plus the held-out combinations spelt with colour synonyms and a slice of the
 training combinations; prints per-attribute accuracy and writes
 benchmarks/results/toy_base.json.
 
-    python benchmarks/toy_base.py                  # the shipped base
+    python benchmarks/toy_base.py                  # the shipped base (CogVideoX architecture)
+    python benchmarks/toy_base.py --backbone toy_hunyuanvideo   # the shipped HunyuanVideo-architecture base
     python benchmarks/toy_base.py --model DIR      # another toy model folder
     python benchmarks/toy_base.py --transformer DIR/checkpoints/step-004000
 """
@@ -54,24 +55,30 @@ def main() -> int:
 
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
-    from t2vu_toy.model import BASE_PATH, load_base
+    from t2vu.core import plugins
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=BASE_PATH)
+    ap.add_argument("--backbone", default="toy", choices=["toy", "toy_hunyuanvideo"],
+                    help="which toy base: the CogVideoX (toy) or the HunyuanVideo (toy_hunyuanvideo) architecture")
+    ap.add_argument("--model", type=Path, default=None, help="a toy model folder (default: the shipped base)")
     ap.add_argument("--transformer", type=Path, default=None,
                     help="a checkpoint folder holding transformer/ (replaces the model's weights)")
     ap.add_argument("--seeds", type=int, default=8, help="seeds per held-out combination")
     ap.add_argument("--train-combos", type=int, default=12, help="training combinations to sample too (0: none)")
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--guidance", type=float, default=5.0)
-    ap.add_argument("--out", type=Path, default=Path(__file__).with_name("results") / "toy_base.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results file (default: benchmarks/results/toy_base.json, toy_base_hunyuanvideo.json)")
     args = ap.parse_args()
+    suffix = "" if args.backbone == "toy" else "_hunyuanvideo"
+    args.out = args.out or Path(__file__).with_name("results") / f"toy_base{suffix}.json"
 
-    backbone = load_base(args.model)
+    backbone = plugins.get_registry().get("backbone", args.backbone).build(
+        {"model_path": str(args.model)} if args.model else {})
+    backbone.load("cpu")
+    args.model = backbone.path
     if args.transformer is not None:
-        from diffusers import CogVideoXTransformer3DModel
-
-        backbone.transformer = CogVideoXTransformer3DModel.from_pretrained(
+        backbone.transformer = type(backbone.transformer).from_pretrained(
             args.transformer, subfolder="transformer").eval().requires_grad_(False)
     world = backbone.world
     seeds = list(range(1000, 1000 + args.seeds))
@@ -101,7 +108,9 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "model": str(args.model if args.transformer is None else args.transformer),
-        "sampler": {"name": "DDIM", "steps": args.steps, "guidance": args.guidance},
+        "backbone": args.backbone,
+        "sampler": {"name": "DDIM" if args.backbone == "toy" else "flow-matching Euler", "steps": args.steps,
+                    "guidance": args.guidance},
         "seeds": seeds, "targets": TARGETS, "targets_met": met, "results": rows,
         "held_out": [list(x) for x in world.held_out()],
         "machine": platform.platform(), "threads": 1, "seconds": round(time.time() - started, 1),

@@ -153,6 +153,31 @@ def build_base(out: Path, *, recipe: Recipe = Recipe(), world: World = DEFAULT_W
     backbone = ToyBackbone(_options(out, "float32"))
     embeds = backbone.encode_prompts(world.all_training_captions())
 
+    abar = scheduler.alphas_cumprod.to(torch.float32)
+
+    def loss_of(clips, caps, gen):
+        """v-prediction DDPM loss on a batch."""
+        x0 = to_latent(torch.from_numpy(clips))
+        emb = torch.stack([embeds[c] for c in caps])
+        t = torch.randint(0, abar.numel(), (x0.size(0),), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        a = abar[t].view(-1, 1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        v = a.sqrt() * noise - (1 - a).sqrt() * x0
+        pred = transformer(hidden_states=x_t, encoder_hidden_states=emb, timestep=t, return_dict=False)[0]
+        return torch.nn.functional.mse_loss(pred.float(), v)
+
+    return fit(transformer, loss_of, world, recipe, out, progress=progress, checkpoint_every=checkpoint_every,
+               log_every=log_every, log_file=log_file)
+
+
+def fit(transformer, loss_of: Callable, world: World, recipe, out: Path, *,
+        progress: Optional[Callable[[int, int, float], None]] = None, checkpoint_every: int = 0,
+        log_every: int = 50, log_file: Optional[Path] = None) -> Path:
+    """The toy bases' training loop: AdamW with warmup + cosine, gradient clipping, EMA weights (saved to
+    ``out/transformer``, and every ``checkpoint_every`` steps to ``out/checkpoints/step-NNNNNN``), the loss
+    averaged every ``log_every`` steps into ``training.json``. ``loss_of(clips, captions, generator)`` is the
+    architecture's own loss on a batch of :meth:`World.batches`."""
     transformer.train()
     ema = copy.deepcopy(transformer).eval().requires_grad_(False)
     params = [p for p in transformer.parameters() if p.requires_grad]
@@ -165,21 +190,12 @@ def build_base(out: Path, *, recipe: Recipe = Recipe(), world: World = DEFAULT_W
         return 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    abar = scheduler.alphas_cumprod.to(torch.float32)
     gen = torch.Generator().manual_seed(recipe.seed + 1)
     batches = world.batches(recipe.seed, recipe.batch_size)
     started, running, log = time.time(), 0.0, []
     for step in range(recipe.steps):
         clips, caps = next(batches)
-        x0 = to_latent(torch.from_numpy(clips))
-        emb = torch.stack([embeds[c] for c in caps])
-        t = torch.randint(0, abar.numel(), (x0.size(0),), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        a = abar[t].view(-1, 1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        v = a.sqrt() * noise - (1 - a).sqrt() * x0
-        pred = transformer(hidden_states=x_t, encoder_hidden_states=emb, timestep=t, return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(pred.float(), v)
+        loss = loss_of(clips, caps, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)

@@ -12,13 +12,15 @@ from typing import ClassVar, Optional
 from pydantic import Field
 
 from t2vu.backbones.cogvideox import CogVideoXOptions
+from t2vu.backbones.hunyuanvideo import HunyuanVideoOptions
 from t2vu.core.hookspecs import hookimpl
 from t2vu.core.protocols import VideoDefaults
 from t2vu.core.registry import Options
 from t2vu.core.spec import ConceptSourceOptions, Dtype, SpecPath
 
-#: The shipped base model folder.
+#: The shipped base model folders: CogVideoX architecture, HunyuanVideo architecture.
 BASE_PATH = Path(__file__).resolve().parent / "base"
+BASE_HUNYUAN_PATH = Path(__file__).resolve().parent / "base_hunyuanvideo"
 
 
 class ToyOptions(CogVideoXOptions):
@@ -33,6 +35,19 @@ class ToyOptions(CogVideoXOptions):
     dtype: Dtype = Field("float32", description="Dtype of the frozen base model.")
 
 
+class ToyHunyuanVideoOptions(HunyuanVideoOptions):
+    """A HunyuanVideo-architecture toy-world model folder (default: the one shipped with t2vu-toy)."""
+
+    defaults: ClassVar[VideoDefaults] = ToyOptions.defaults
+    example_path: ClassVar[str] = str(BASE_HUNYUAN_PATH)
+
+    model_path: SpecPath = Field(BASE_HUNYUAN_PATH, description="Toy model folder (default: the shipped base).")
+    dtype: Dtype = Field("float32", description="Dtype of the frozen base model.")
+    max_sequence_length: int = Field(8, gt=0, description="Llama tokens per caption (the toy's captions are short).")
+    prompt_template: Optional[str] = Field("{}", description="The toy encodes the caption itself, no system prompt.")
+    crop_start: Optional[int] = Field(0, ge=0, description="Template tokens before the caption (none).")
+
+
 class JudgeOptions(Options):
     """Deterministic toy-world judge (no options)."""
 
@@ -41,6 +56,8 @@ class JudgeOptions(Options):
 def register_backbones(register):
     register("toy", "t2vu_toy.model:ToyBackbone", options=ToyOptions,
              summary="Tiny pixel-space CogVideoX trained on the toy world (CPU benchmarks)")
+    register("toy_hunyuanvideo", "t2vu_toy.hunyuan:ToyHunyuanBackbone", options=ToyHunyuanVideoOptions,
+             summary="Tiny pixel-space HunyuanVideo (flow matching, text last) trained on the toy world")
 
 
 @hookimpl
@@ -66,12 +83,20 @@ def register_commands(cli):
         steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (default: the shipped recipe's)."),
         seed: int = typer.Option(0, "--seed", help="Seed of everything (same seed, same weights)."),
         checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Also save EMA weights every N steps."),
+        arch: str = typer.Option("cogvideox", "--arch", help="Transformer architecture: cogvideox (the `toy` "
+                                 "backbone) or hunyuanvideo (the `toy_hunyuanvideo` backbone)."),
     ) -> None:
         """Build and train a toy base model (deterministic; the shipped bases are the default recipes)."""
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        from t2vu_toy.model import Recipe, build_base
-
+        if arch == "cogvideox":
+            from t2vu_toy.model import Recipe, build_base
+        elif arch == "hunyuanvideo":
+            from t2vu_toy.hunyuan import HunyuanRecipe as Recipe
+            from t2vu_toy.hunyuan import build_base
+        else:
+            typer.echo(f"error: --arch must be cogvideox or hunyuanvideo, not {arch!r}", err=True)
+            raise typer.Exit(2)
         recipe = Recipe(seed=seed) if steps is None else Recipe(seed=seed, steps=steps)
         with Progress(TextColumn("training toy base"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
