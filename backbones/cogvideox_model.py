@@ -257,7 +257,12 @@ class CogVideoXBackbone:
 
     # -- latents and scheduler maths -------------------------------------------------
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-        frames = (num_frames - 1) // self.vae_scale_temporal + 1
+        tr = self.vae_scale_temporal
+        if num_frames < 1 or (num_frames - 1) % tr:
+            lower = max(1, (num_frames - 1) // tr * tr + 1)
+            raise T2VUError(f"CogVideoX needs num_frames = {tr}k+1 (its VAE compresses {tr} frames into one after "
+                            f"the first); got {num_frames}, try {lower} or {lower + tr}")
+        frames = (num_frames - 1) // tr + 1
         p_t = self.config.get("patch_size_t")
         if p_t and frames % p_t:
             frames += p_t - frames % p_t

@@ -87,6 +87,10 @@ def test_config_read_from_folder(loaded):
     assert emb["nudity"].shape == (16, 16)
     assert backbone.latent_shape(9, 32, 32) == (3, 4, 4, 4)
     assert backbone.token_grid((3, 4, 4, 4)) == (3, 4)
+    from t2vu.core.errors import T2VUError
+
+    with pytest.raises(T2VUError, match=r"num_frames = 4k\+1 .* got 10, try 9 or 13"):
+        backbone.latent_shape(10, 32, 32)  # was silently rounded down to 9
 
 
 def test_erasers_off_equals_stock_transformer(loaded, tiny_folder):
