@@ -116,7 +116,7 @@ class TrainingSpec(_Strict):
     gradient_checkpointing: bool = True
     checkpoint_every: int = Field(0, ge=0, description="Save a checkpoint every N steps (0: never).")
     states: Literal["noise", "trajectory", "erased_trajectory"] = Field(
-        "noise", description="Where x_t comes from: noised random latents; the frozen model's CFG sampler "
+        "noise", description="Where x_t comes from: noised random latents; the frozen model's guided sampler "
         "run from a target prompt (its predictions reused as teacher values); or the erased model's sampler.")
     refresh_every: int = Field(50, gt=0, description="Trajectory states: sample new trajectories every N steps.")
     sample_steps: Optional[int] = Field(None, gt=1, description="Trajectory states: sampler steps per trajectory "
