@@ -23,8 +23,7 @@ from typing import Callable, Optional
 import torch
 
 from t2vu.backbones.hunyuanvideo_model import HunyuanVideoBackbone
-from t2vu.core.errors import T2VUError
-from t2vu_toy.model import fit, save_transformer
+from t2vu_toy.model import check_toy_folder, fit, save_transformer
 from t2vu_toy.world import DEFAULT_WORLD, World, from_latent, to_latent
 
 #: The shipped HunyuanVideo-architecture base (inside the package, so the wheel carries it).
@@ -221,27 +220,13 @@ def _options(path, dtype="float32"):
     return ToyHunyuanVideoOptions(model_path=Path(path), dtype=dtype)
 
 
-def check_folder(path: Path) -> None:
-    """Fail with an actionable message before anything heavy loads."""
-    path = Path(path)
-    build = f"`t2vu toy build --arch hunyuanvideo --out {path}`"
-    if not (path / "world.json").exists() and path.resolve() == BASE_PATH:
-        raise T2VUError(f"the shipped HunyuanVideo toy base is missing from {path}; rebuild it with {build}")
-    if not path.exists():
-        raise T2VUError(f"backbone.model_path: {path} does not exist; make a HunyuanVideo toy model with {build} "
-                        "(or leave model_path out for the shipped base)")
-    if path.is_dir() and not (path / "world.json").exists():
-        raise T2VUError(f"backbone.model_path: {path} is not a toy-world model folder (no world.json); make one "
-                        f"with {build}")
-
-
 class ToyHunyuanBackbone(HunyuanVideoBackbone):
     """The HunyuanVideo backbone with an identity latent codec: latents are clips in [-1, 1], ``[3, F, H, W]``."""
 
     name = "toy_hunyuanvideo"
 
     def __init__(self, options):
-        check_folder(Path(options.model_path))
+        check_toy_folder(Path(options.model_path), BASE_PATH, "t2vu toy build --arch hunyuanvideo")
         super().__init__(options)
         self.vae_scale_spatial = 1
         self.vae_scale_temporal = 1

@@ -230,18 +230,18 @@ def _options(path, dtype="float32"):
     return ToyOptions(model_path=Path(path), dtype=dtype)
 
 
-def check_toy_folder(path: Path) -> None:
-    """Fail with an actionable message before anything heavy loads."""
+def check_toy_folder(path: Path, base: Path = BASE_PATH, build: str = "t2vu toy build") -> None:
+    """Fail with an actionable message before anything heavy loads (``base``: the shipped folder of this
+    architecture, ``build``: the command that makes one)."""
     path = Path(path)
-    if not (path / "world.json").exists() and path.resolve() == BASE_PATH:
-        raise T2VUError(f"the shipped toy base model is missing from {path}; rebuild it with "
-                        f"`t2vu toy build --out {path}`")
+    if not (path / "world.json").exists() and path.resolve() == base:
+        raise T2VUError(f"the shipped toy base model is missing from {path}; rebuild it with `{build} --out {path}`")
     if not path.exists():
-        raise T2VUError(f"backbone.model_path: {path} does not exist; make a toy model with "
-                        f"`t2vu toy build --out {path}` (or leave model_path out for the shipped base)")
+        raise T2VUError(f"backbone.model_path: {path} does not exist; make a toy model with `{build} --out {path}` "
+                        "(or leave model_path out for the shipped base)")
     if path.is_dir() and not (path / "world.json").exists():
         raise T2VUError(f"backbone.model_path: {path} is not a toy-world model folder (no world.json); "
-                        "make one with `t2vu toy build --out DIR`")
+                        f"make one with `{build} --out DIR`")
 
 
 class ToyBackbone(CogVideoXBackbone):
