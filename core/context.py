@@ -90,7 +90,7 @@ class StepContext:
         return torch.stack([maps[m] for m in chosen]).mean(0)
 
     def expand(self, patterns: Iterable[str]) -> tuple[str, ...]:
-        """Attention-module names matching ``patterns`` (fnmatch, e.g. ``single_transformer_blocks.*.attn``)."""
+        """Attention-module names matching ``patterns`` (fnmatch patterns)."""
         patterns = list(patterns)
         found = tuple(n for n in self.attention_names if any(fnmatch.fnmatchcase(n, p) for p in patterns))
         if not found:

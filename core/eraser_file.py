@@ -1,7 +1,7 @@
 """The t2vu eraser file: write, read and validate (no pipeline, no backbone).
 
 Our format is one ``.safetensors`` file (never a pickle). Tensors are keyed
-``{site}.{param}``, e.g. ``transformer_blocks.0.attn1.down.weight``; the
+``{site}.{param}``, e.g. ``<site>.down.weight`` with the backbone's site name; the
 safetensors metadata (all strings) says what the eraser is for:
 
 =====================  ========================================================

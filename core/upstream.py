@@ -29,8 +29,8 @@ class UpstreamLayout:
     """Which sites a backbone's upstream erasers sit on.
 
     ``site``: a regular expression over site names whose one group is the block index
-    (CogVideoX ``transformer_blocks\\.(\\d+)\\.attn1``); ``layers_key``: the transformer config key that counts
-    those blocks (``num_layers``); ``example``: the sites as a user reads them (``transformer_blocks.<i>.attn1``).
+    (each backbone module defines its own); ``layers_key``: the transformer config key that counts those blocks;
+    ``example``: the sites as a user reads them, for messages.
     """
 
     site: str
@@ -110,8 +110,8 @@ def _load_upstream_weights(weights: Path) -> dict:
         key = str(key)
         if isinstance(value, Mapping):
             if not key.endswith(".adapter"):
-                raise T2VUError(f"{weights}: unexpected key {key!r} (expected '<site>.adapter', e.g. "
-                                f"'transformer_blocks.0.attn1.adapter')")
+                raise T2VUError(f"{weights}: unexpected key {key!r} (expected '<site>.adapter', with the "
+                                f"backbone's site names)")
             site = key[: -len(".adapter")]
             for param, tensor in value.items():
                 by_site.setdefault(site, {})[str(param)] = tensor
