@@ -188,9 +188,9 @@ def _weights(folder):
     return load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
 
 
-def test_toy_build_is_deterministic(tmp_path):
+def _toy_cli():
+    """A Typer app with the toy plugin's `toy` command group, as `t2vu` adds it."""
     import typer
-    from typer.testing import CliRunner
 
     from t2vu_toy import plugin
 
@@ -201,6 +201,13 @@ def test_toy_build_is_deterministic(tmp_path):
         pass
 
     plugin.register_commands(cli)
+    return cli
+
+
+def test_toy_build_is_deterministic(tmp_path):
+    from typer.testing import CliRunner
+
+    cli = _toy_cli()
     runner = CliRunner()
     outs = []
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
@@ -279,19 +286,11 @@ def test_hunyuanvideo_toy_builds_deterministically_and_trains_an_eraser(tmp_path
     world, and `t2vu run` trains an eraser in it with all three losses."""
     import json
 
-    import typer
     from typer.testing import CliRunner
 
     from t2vu.core.cli import app
-    from t2vu_toy import plugin
 
-    cli = typer.Typer()
-
-    @cli.callback()
-    def _root():
-        pass
-
-    plugin.register_commands(cli)
+    cli = _toy_cli()
     runner = CliRunner()
     outs = []
     for name, seed in (("a", 5), ("b", 5)):

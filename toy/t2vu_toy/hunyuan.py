@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 
 from t2vu.backbones.hunyuanvideo_model import HunyuanVideoBackbone
-from t2vu_toy.model import check_toy_folder, fit, save_transformer
+from t2vu_toy.model import FitRecipe, check_toy_folder, fit, save_transformer
 from t2vu_toy.world import DEFAULT_WORLD, World, from_latent, to_latent
 
 #: The shipped HunyuanVideo-architecture base (inside the package, so the wheel carries it).
@@ -34,17 +34,10 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789.,'-"
 
 
 @dataclass(frozen=True)
-class HunyuanRecipe:
+class HunyuanRecipe(FitRecipe):
     """How the shipped HunyuanVideo toy base was trained (``t2vu toy build --arch hunyuanvideo``)."""
 
     steps: int = 10000
-    seed: int = 0
-    batch_size: int = 16
-    learning_rate: float = 2e-3
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.998
     # transformer
     double_layers: int = 1
     single_layers: int = 3

@@ -31,8 +31,8 @@ SPECIALS = ("<pad>", "</s>", "<unk>")
 
 
 @dataclass(frozen=True)
-class Recipe:
-    """How the shipped base was trained (``t2vu toy build`` defaults)."""
+class FitRecipe:
+    """The optimisation both toy bases share (:func:`fit`)."""
 
     steps: int = 13000
     seed: int = 0
@@ -42,6 +42,12 @@ class Recipe:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.998
+
+
+@dataclass(frozen=True)
+class Recipe(FitRecipe):
+    """How the shipped base was trained (``t2vu toy build`` defaults)."""
+
     # transformer
     layers: int = 4
     heads: int = 4
