@@ -46,6 +46,9 @@ class HunyuanRecipe(FitRecipe):
     head_dim: int = 16
     mlp_ratio: float = 4.0
     patch_size: int = 4
+    #: RoPE dimensions per axis (frames, height, width; they sum to head_dim) and its base
+    rope_axes: tuple = (8, 4, 4)
+    rope_theta: float = 256.0
     text_len: int = 8
     shift: float = 1.0
     # frozen random text encoders
@@ -121,13 +124,15 @@ def make_text_encoders(tokenizer, tokenizer_2, recipe: HunyuanRecipe):
 def make_transformer(recipe: HunyuanRecipe):
     from diffusers import HunyuanVideoTransformer3DModel
 
-    third = recipe.head_dim // 4
+    if sum(recipe.rope_axes) != recipe.head_dim:
+        raise ValueError(f"rope_axes {recipe.rope_axes} must sum to head_dim {recipe.head_dim}")
     return HunyuanVideoTransformer3DModel(
         in_channels=3, out_channels=3, num_attention_heads=recipe.heads, attention_head_dim=recipe.head_dim,
         num_layers=recipe.double_layers, num_single_layers=recipe.single_layers,
         num_refiner_layers=recipe.refiner_layers, mlp_ratio=recipe.mlp_ratio, patch_size=recipe.patch_size,
         patch_size_t=1, qk_norm="rms_norm", guidance_embeds=False, text_embed_dim=recipe.text_dim,
-        pooled_projection_dim=recipe.clip_dim, rope_axes_dim=(recipe.head_dim - 2 * third, third, third))
+        pooled_projection_dim=recipe.clip_dim, rope_axes_dim=tuple(recipe.rope_axes),
+        rope_theta=recipe.rope_theta)
 
 
 def _model_index() -> dict:
