@@ -6,13 +6,64 @@ Registration and options only; the implementation (torch, diffusers) lives in
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Optional, Sequence
 
 from pydantic import Field
 
 from t2vu.core.hookspecs import hookimpl
 from t2vu.core.protocols import VideoDefaults
 from t2vu.core.spec import BackboneOptions
+
+if TYPE_CHECKING:  # pragma: no cover
+    from t2vu.core.preflight import Clip, ModelFacts, SiteName
+
+DOWNLOAD_HINT = "`huggingface-cli download THUDM/CogVideoX-5b --local-dir {path}`"
+#: what a CogVideoX folder must hold for training (``vae/`` too for generate and eval)
+REQUIRED = ("model_index.json", "transformer/config.json", "scheduler/scheduler_config.json",
+            "text_encoder/config.json", "tokenizer")
+
+
+def site_names(config: dict) -> list[SiteName]:
+    """The eraser sites of a CogVideoX transformer with this config (what ``transformer_sites`` finds once it
+    is loaded): each block's ``attn1`` video output and the text tokens it reads."""
+    from t2vu.core.preflight import SiteName
+
+    sites = []
+    for i in range(int(config.get("num_layers", 0) or 0)):
+        name = f"transformer_blocks.{i}.attn1"
+        sites += [SiteName(name, name, "video"), SiteName(f"{name}.text", name, "text")]
+    return sites
+
+
+def check_folder(path: Path, facts: ModelFacts, decode: bool, *, vae: bool = True,
+                 hint: str = DOWNLOAD_HINT) -> Optional[dict]:
+    """Check a CogVideoX-architecture folder from its configs and weights headers; return the transformer
+    config (``None`` after a problem that stops further checks). ``vae``: the architecture decodes with a VAE
+    (needed when ``decode``)."""
+    from t2vu.core.preflight import check_weights, read_diffusers_folder
+
+    setting = "backbone.model_path"
+    hint = hint.format(path=path)
+    required = REQUIRED + (("vae/config.json",) if decode and vae else ())
+    found = read_diffusers_folder(path, facts, required, "CogVideoX", hint)
+    if found is None:
+        return None
+    index, cfg, sched = found
+    if not str(index.get("_class_name", "")).startswith("CogVideoX"):
+        facts.problem(setting, f"{path} holds a {index.get('_class_name')!r}, not a CogVideoX pipeline; use "
+                               "the backbone for that model or a CogVideoX folder")
+        return None
+    if cfg.get("_class_name") != "CogVideoXTransformer3DModel":
+        facts.problem(setting, f"{path}/transformer is a {cfg.get('_class_name')!r}, not a "
+                               "CogVideoXTransformer3DModel")
+        return None
+    if sched.get("prediction_type", "v_prediction") != "v_prediction":
+        facts.problem(setting, f"{path}/scheduler predicts {sched.get('prediction_type')!r}; the CogVideoX "
+                               "backbone needs a v_prediction scheduler")
+    for sub in ("transformer", "text_encoder") + (("vae",) if decode and vae else ()):
+        check_weights(path / sub, setting, facts)
+    return cfg
 
 
 class CogVideoXOptions(BackboneOptions):
@@ -27,6 +78,35 @@ class CogVideoXOptions(BackboneOptions):
 
     max_text_length: Optional[int] = Field(
         None, gt=0, description="Tokens per prompt; default: the transformer's max_text_seq_length.")
+
+    def preflight(self, clips: Sequence[Clip], decode: bool = False) -> ModelFacts:
+        """The folder (configs, weights headers, ``vae/`` when ``decode``), and each clip: ``4k+1`` frames
+        (the VAE's temporal compression) and sizes that are multiples of VAE scale x patch size; a model with
+        learned positional embeddings only takes its own sample size. Reads configs only."""
+        from t2vu.core.preflight import ModelFacts, frames_rule, read_json, size_rule
+
+        facts = ModelFacts()
+        path = Path(self.model_path)
+        cfg = check_folder(path, facts, decode)
+        if cfg is None:
+            return facts
+        vae = {}
+        if (path / "vae/config.json").is_file():
+            vae = read_json(path / "vae/config.json", "backbone.model_path", facts) or {}
+        temporal = int(vae.get("temporal_compression_ratio", cfg.get("temporal_compression_ratio", 4)) or 1)
+        spatial = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+        patch = int(cfg.get("patch_size", 2) or 1)
+        for clip in clips:
+            frames_rule(clip, temporal, "CogVideoX", f"its VAE compresses {temporal} frames into one after the "
+                        "first", facts)
+            size_rule(clip, spatial * patch, "CogVideoX", f"VAE {spatial}x, patch {patch}", facts)
+            if cfg.get("use_learned_positional_embeddings"):
+                h, w = cfg.get("sample_height", 0) * spatial, cfg.get("sample_width", 0) * spatial
+                if (clip.height, clip.width) != (h, w):
+                    facts.problem(clip.setting("height"), f"{clip.height}x{clip.width}: this CogVideoX has learned "
+                                  f"positional embeddings and takes only {h}x{w}; set height {h} and width {w}")
+        facts.sites, facts.config = site_names(cfg), cfg
+        return facts
 
 
 @hookimpl

@@ -6,13 +6,71 @@ Registration and options only; the implementation (torch, diffusers) lives in
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Optional, Sequence
 
 from pydantic import Field, field_validator
 
 from t2vu.core.hookspecs import hookimpl
 from t2vu.core.protocols import VideoDefaults
 from t2vu.core.spec import BackboneOptions
+
+if TYPE_CHECKING:  # pragma: no cover
+    from t2vu.core.preflight import Clip, ModelFacts, SiteName
+
+DOWNLOAD_HINT = "`huggingface-cli download hunyuanvideo-community/HunyuanVideo --local-dir {path}`"
+#: what a HunyuanVideo folder must hold for training (``vae/`` too for generate and eval)
+REQUIRED = ("model_index.json", "transformer/config.json", "scheduler/scheduler_config.json", "text_encoder",
+            "tokenizer", "text_encoder_2", "tokenizer_2")
+
+
+def site_names(config: dict) -> list[SiteName]:
+    """The eraser sites of a HunyuanVideo transformer with this config (what ``transformer_sites`` finds once
+    it is loaded): each double-stream block's and each single-stream block's attention, video and text."""
+    from t2vu.core.preflight import SiteName
+
+    sites = []
+    for prefix, key in (("transformer_blocks", "num_layers"), ("single_transformer_blocks", "num_single_layers")):
+        for i in range(int(config.get(key, 0) or 0)):
+            name = f"{prefix}.{i}.attn"
+            sites += [SiteName(name, name, "video"), SiteName(f"{name}.text", name, "text")]
+    return sites
+
+
+def check_folder(path: Path, facts: ModelFacts, decode: bool, *, vae: bool = True,
+                 hint: str = DOWNLOAD_HINT) -> Optional[dict]:
+    """Check a HunyuanVideo-architecture folder from its configs and weights headers; return the transformer
+    config (``None`` after a problem that stops further checks). ``vae``: the architecture decodes with a VAE."""
+    from t2vu.core.preflight import check_weights, read_diffusers_folder
+
+    setting = "backbone.model_path"
+    hint = hint.format(path=path)
+    required = REQUIRED + (("vae/config.json",) if decode and vae else ())
+    found = read_diffusers_folder(path, facts, required, "HunyuanVideo", hint)
+    if found is None:
+        return None
+    index, cfg, sched = found
+    kind = str(index.get("_class_name", ""))
+    if kind != "HunyuanVideoPipeline":
+        what = ("HunyuanVideo 1.5, which needs a backbone of its own (docs/backbones.md)"
+                if kind.startswith("HunyuanVideo15") else "not the text-to-video HunyuanVideoPipeline")
+        facts.problem(setting, f"{path} holds a {kind or 'pipeline without _class_name'!r}: {what}; use a "
+                               f"HunyuanVideo folder, e.g. {hint}")
+        return None
+    if cfg.get("_class_name") != "HunyuanVideoTransformer3DModel" or cfg.get("image_condition_type") is not None:
+        facts.problem(setting, f"{path}/transformer is a {cfg.get('_class_name')!r}"
+                               f"{' for image-to-video' if cfg.get('image_condition_type') else ''}, not the "
+                               f"text-to-video HunyuanVideoTransformer3DModel; use a HunyuanVideo folder, e.g. {hint}")
+        return None
+    if sched.get("_class_name", "FlowMatchEulerDiscreteScheduler") != "FlowMatchEulerDiscreteScheduler":
+        facts.problem(setting, f"{path}/scheduler is a {sched.get('_class_name')!r}; HunyuanVideo samples with "
+                               "FlowMatchEulerDiscreteScheduler")
+    if sched.get("use_dynamic_shifting"):
+        facts.problem(setting, f"{path}/scheduler uses dynamic shifting, which HunyuanVideoPipeline does not drive; "
+                               "set use_dynamic_shifting to false and a fixed shift")
+    for sub in ("transformer", "text_encoder", "text_encoder_2") + (("vae",) if decode and vae else ()):
+        check_weights(path / sub, setting, facts)
+    return cfg
 
 
 class HunyuanVideoOptions(BackboneOptions):
@@ -48,6 +106,34 @@ class HunyuanVideoOptions(BackboneOptions):
         None, ge=0, description="Llama tokens of the template before the prompt, cut off the embeddings "
         "(default: 95 for the default template; for a custom template, counted with the tokenizer exactly "
         "as the pipeline does). Set it with a custom template whose count the pipeline would get wrong.")
+
+    def preflight(self, clips: Sequence[Clip], decode: bool = False) -> ModelFacts:
+        """The folder (configs, weights headers, ``vae/`` when ``decode``), and each clip: ``4k+1`` frames (the
+        VAE's temporal compression, a multiple of ``patch_size_t`` latent frames) and sizes that are multiples of
+        VAE scale x patch size. Reads configs only."""
+        from t2vu.core.preflight import ModelFacts, frames_rule, read_json, size_rule
+
+        facts = ModelFacts()
+        path = Path(self.model_path)
+        cfg = check_folder(path, facts, decode)
+        if cfg is None:
+            return facts
+        vae = {}
+        if (path / "vae/config.json").is_file():
+            vae = read_json(path / "vae/config.json", "backbone.model_path", facts) or {}
+        temporal = int(vae.get("temporal_compression_ratio", 4) or 1)
+        spatial = int(vae.get("spatial_compression_ratio", 8) or 1)
+        patch, patch_t = int(cfg.get("patch_size", 2) or 1), int(cfg.get("patch_size_t", 1) or 1)
+        for clip in clips:
+            frames_rule(clip, temporal, "HunyuanVideo", f"its VAE compresses {temporal} frames into one after the "
+                        "first", facts)
+            latent = (clip.num_frames - 1) // temporal + 1
+            if not (clip.num_frames - 1) % temporal and latent % patch_t:
+                facts.problem(clip.setting("num_frames"), f"{clip.num_frames} frames give {latent} latent frames; "
+                              f"this HunyuanVideo (patch_size_t {patch_t}) needs a multiple of {patch_t}")
+            size_rule(clip, spatial * patch, "HunyuanVideo", f"VAE {spatial}x, patch {patch}", facts)
+        facts.sites, facts.config = site_names(cfg), cfg
+        return facts
 
     @field_validator("prompt_template")
     @classmethod

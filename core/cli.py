@@ -7,10 +7,12 @@ train or generate.
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import typer
 from rich.console import Console
@@ -20,7 +22,7 @@ from t2vu import __version__
 from t2vu.core import plugins as plugin_manager
 from t2vu.core.eraser_cli import eraser_app
 from t2vu.core.eval_cli import eval_command, generate_command
-from t2vu.core.errors import T2VUError
+from t2vu.core.errors import T2VUError, describe
 from t2vu.core.registry import KINDS, ComponentUnavailable
 from t2vu.core.spec import SpecError
 
@@ -55,12 +57,20 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+#: ``t2vu --debug`` (or ``T2VU_DEBUG=1``): show the traceback of every error, not only of bugs
+_debug = False
+
+
 @app.callback()
 def _main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", envvar="T2VU_DEBUG",
+                               help="On an error, also print the Python traceback (for bug reports)."),
 ) -> None:
     """Erase concepts from text-to-video models. See 't2vu COMMAND --help'."""
+    global _debug
+    _debug = debug
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -68,6 +78,70 @@ def fail(message: str, code: int = 1) -> None:
 
     err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def report(exc: BaseException) -> None:
+    """Print one message for ``exc`` and exit non-zero: a spec problem list (exit 2), a user error's message
+    with its fix (:func:`t2vu.core.errors.describe`), or, for anything else, a note that it is a bug. With
+    ``--debug`` the traceback comes first."""
+    if _debug:
+        import traceback
+
+        err_console.print("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+                          markup=False, highlight=False, soft_wrap=True)
+    if isinstance(exc, SpecError):
+        err_console.print(str(exc), markup=False, highlight=False, soft_wrap=True)
+        plugin_manager.warn_failed()
+        raise typer.Exit(2)
+    if isinstance(exc, ComponentUnavailable):
+        fail(str(exc), 1)
+    described = describe(exc)
+    if described is not None:
+        fail(*described)
+    hint = "" if _debug else " (rerun with `t2vu --debug ...` for the traceback)"
+    fail(f"unexpected {type(exc).__name__}: {exc}\nThis is a bug in t2vu or one of its plugins, not a problem with "
+         f"your input; please report it{hint}.", 1)
+
+
+def _guarded(fn: Callable) -> Callable:
+    """``fn`` (a command) with every exception it raises turned into one message and an exit code."""
+    if getattr(fn, "_t2vu_guarded", False):
+        return fn
+
+    @functools.wraps(fn)
+    def command(*args, **kwargs):
+        import click
+
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException,
+                SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - every error ends in one message, none in a traceback
+            report(exc)
+
+    command._t2vu_guarded = True  # type: ignore[attr-defined]
+    return command
+
+
+def guard_commands(cli: typer.Typer) -> None:
+    """Wrap every command of ``cli`` and its sub-apps (plugin commands too) with :func:`_guarded`."""
+    for info in cli.registered_commands:
+        if info.callback is not None:
+            info.callback = _guarded(info.callback)
+    for group in cli.registered_groups:
+        if group.typer_instance is not None:
+            guard_commands(group.typer_instance)
+
+
+def preflight(resolved, command: str, eraser: Optional[Path] = None, eraser_setting: str = "--eraser") -> None:
+    """The pre-load checks (:mod:`t2vu.core.preflight`); on problems print them all and exit 2."""
+    from t2vu.core.preflight import check
+
+    try:
+        check(resolved, command, eraser, eraser_setting)
+    except SpecError as exc:
+        report(exc)
 
 
 def load_resolved(spec_path: Path, overrides: Optional[List[str]] = None):
@@ -78,9 +152,7 @@ def load_resolved(spec_path: Path, overrides: Optional[List[str]] = None):
     try:
         return load_spec(spec_path, registry, overrides or [])
     except SpecError as exc:
-        err_console.print(str(exc), markup=False, highlight=False, soft_wrap=True)
-        plugin_manager.warn_failed()
-        raise typer.Exit(2)
+        report(exc)
 
 
 # -- run --------------------------------------------------------------------------
@@ -89,21 +161,28 @@ def run(
     spec: Path = typer.Argument(..., help="The run spec (YAML)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate, resolve plugins and print the plan; load nothing heavy."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the unfinished run in output.dir from its newest "
+                                "complete checkpoint (same spec; the result equals an uninterrupted run)."),
 ) -> None:
     """Train an eraser from a run spec."""
     resolved = load_resolved(spec, set_)
-    print_plan(resolved)
+    preflight(resolved, "validate" if dry_run else "run")
+    main_process = os.environ.get("RANK", "0") == "0"  # torchrun / accelerate launch: one process reports
+    if main_process:
+        print_plan(resolved)
     if dry_run:
-        console.print("[green]dry run:[/] spec valid, nothing loaded or written.")
+        console.print("[green]dry run:[/] spec valid, model folder, clip size, sites and output.dir checked; "
+                      "nothing loaded or written.")
         return
     try:
         from t2vu.core.engine import run as run_engine
 
-        result = run_engine(resolved, console=console)
+        result = run_engine(resolved, console=console, resume=resume)
     except (T2VUError, ComponentUnavailable) as exc:
         fail(str(exc), getattr(exc, "exit_code", 1))
     else:
-        console.print(f"[green]eraser written:[/] {result}")
+        if main_process:
+            console.print(f"[green]eraser written:[/] {result}")
 
 
 def print_plan(resolved) -> None:
@@ -181,10 +260,19 @@ def plugins_list(
 def spec_validate(
     spec: Path = typer.Argument(..., help="The run spec (YAML)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    spec_only: bool = typer.Option(False, "--spec-only", help="Check the spec alone (structure, options, "
+                                   "files it names); skip the model folder and output.dir, e.g. before the "
+                                   "model is downloaded."),
 ) -> None:
-    """Validate a spec (structure and every plugin's options); exit 2 if invalid."""
+    """Validate a spec and everything knowable before loading: the structure and every plugin's options, the
+    text files it names, output.dir, the model folder's configs and weights headers, clip sizes and eraser
+    sites. Exit 2 with every problem if invalid."""
     resolved = load_resolved(spec, set_)
-    console.print(f"[green]valid:[/] {spec} ({len(resolved.losses)} loss terms, backbone {resolved.backbone.name})")
+    preflight(resolved, "spec" if spec_only else "validate")
+    checked = "spec only" if spec_only else "model folder, clip size, sites and output.dir checked"
+    console.print(f"[green]valid:[/] {spec} ({len(resolved.losses)} loss terms, backbone {resolved.backbone.name}; "
+                  f"{checked})")
+
 
 
 @spec_app.command("schema", epilog="Example: t2vu spec schema > t2vu-spec.schema.json")
@@ -249,9 +337,18 @@ def concepts(
         console.print(item, markup=False, highlight=False, soft_wrap=True)
 
 
+guard_commands(app)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Console-script entry point: add plugin commands, then run."""
-    plugin_manager.get_plugin_manager().add_commands(app)
+    global _debug
+    _debug = os.environ.get("T2VU_DEBUG", "").lower() in ("1", "true", "yes")
+    try:
+        plugin_manager.get_plugin_manager().add_commands(app)
+        guard_commands(app)
+    except Exception as exc:  # noqa: BLE001 - a broken plugin's command must not end in a traceback
+        err_console.print(f"[yellow]warning:[/] a plugin's commands could not be added: {exc}", highlight=False)
     app(args=argv, prog_name="t2vu")
 
 

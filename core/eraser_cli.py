@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from t2vu.core.errors import T2VUError
+from t2vu.core.errors import T2VUError, describe_os_error
 
 console = Console()
 err_console = Console(stderr=True)
@@ -32,7 +32,7 @@ eraser_app = typer.Typer(
 
 
 def _fail(message: str, code: int = 1) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -75,7 +75,7 @@ def import_cmd(
     except T2VUError as exc:
         _fail(str(exc), exc.exit_code)
     except OSError as exc:
-        _fail(str(exc))
+        _fail(describe_os_error(exc))
     console.print(f"[green]eraser written:[/] {written} ({len(meta['sites'])} sites, rank {meta['rank']}, "
                   f"config {meta['backbone_config_hash']})", highlight=False)
 
@@ -94,7 +94,7 @@ def export_cmd(
     except T2VUError as exc:
         _fail(str(exc), exc.exit_code)
     except OSError as exc:
-        _fail(str(exc))
+        _fail(describe_os_error(exc))
     console.print(f"[green]upstream eraser written:[/] {folder}/eraser_weights.pt, eraser_config.json",
                   highlight=False)
 
@@ -119,7 +119,7 @@ def info_cmd(
     except T2VUError as exc:
         _fail(str(exc), exc.exit_code)
     except OSError as exc:
-        _fail(str(exc))
+        _fail(describe_os_error(exc))
     parameters = meta.pop("parameters", 0)
     if as_json:
         sys.stdout.write(json.dumps(meta, indent=2, sort_keys=True) + "\n")

@@ -260,6 +260,11 @@ def read_eraser(path: PathLike) -> EraserFile:
         raise T2VUError(f"{path}: cannot read the eraser tensors ({exc}); the file may be truncated") from None
     if not isinstance(meta.get("sites"), list):
         raise T2VUError(f"{path}: the metadata field 'sites' is not a JSON list")
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise T2VUError(f"{path}: the eraser holds non-finite weights ({_few(bad)}), so every video it touches "
+                        "would be broken; the run that wrote it diverged: train it again with a lower "
+                        "training.learning_rate")
     if meta.get("eraser_type") == "adapter":
         _validate_adapter_state(tensors, meta["sites"], meta.get("rank"), str(path))
     return EraserFile(path=path, tensors=tensors, metadata=meta)

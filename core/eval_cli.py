@@ -11,6 +11,14 @@ import typer
 SET_HELP = "Override a spec field, e.g. --set eval.steps=10 (value parsed as YAML)."
 
 
+def _eraser_arg(resolved, eraser: Optional[Path]) -> tuple[Path, str]:
+    """The eraser file a command uses and the setting that names it (``--eraser`` or ``output.dir``);
+    :class:`T2VUError` (exit 1) when there is none."""
+    from t2vu.core.evaluate import default_eraser
+
+    return default_eraser(resolved, eraser), "--eraser" if eraser is not None else "output.dir"
+
+
 def generate_command(
     spec: Path = typer.Argument(..., help="The run spec (YAML) whose backbone generates."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="The text prompt."),
@@ -24,10 +32,17 @@ def generate_command(
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
     """Generate a video with the eraser (and, with --compare, without it from the same seed)."""
-    from t2vu.core.cli import console, fail, load_resolved
+    from t2vu.core.cli import console, fail, load_resolved, preflight
     from t2vu.core.errors import T2VUError
 
     resolved = load_resolved(spec, set_)
+    preflight(resolved, "generate", *_eraser_arg(resolved, eraser))
+    if out is not None:
+        from t2vu.core.preflight import writable_problem
+
+        problem = writable_problem(out, "--out")
+        if problem is not None:
+            fail(f"--out: {problem}", 2)
     try:
         from t2vu.core.evaluate import default_eraser, load_for_generation
         from t2vu.core.sampling import generate, side_by_side, write_video
@@ -69,10 +84,13 @@ def eval_command(
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
     """Generate the eval prompts with and without the eraser, judge them, write eval/report.{json,md}."""
-    from t2vu.core.cli import console, fail, load_resolved
+    from t2vu.core.cli import console, fail, load_resolved, preflight
     from t2vu.core.errors import T2VUError
 
     resolved = load_resolved(spec, set_)
+    if resolved.spec.eval is None:
+        fail("the spec has no 'eval:' section; add one (see docs/evaluation.md)")
+    preflight(resolved, "eval", *_eraser_arg(resolved, eraser))
     try:
         from t2vu.core.evaluate import evaluate
 

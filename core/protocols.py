@@ -71,6 +71,13 @@ class Backbone(Protocol):
       ``{"single": ["single_transformer_blocks.*.attn"], "double": [...], "all": [...]}``; ``eraser.sites``
       may name a preset or give patterns;
     - ``default_sites: str``: the preset used when ``eraser.sites`` is unset.
+
+    and may override the method ``preflight(clips, decode=False) -> ModelFacts`` (see
+    :meth:`t2vu.core.spec.BackboneOptions.preflight` and :mod:`t2vu.core.preflight`): the pre-load checks
+    ``t2vu spec validate``, ``--dry-run`` and the start of ``run``/``generate``/``eval`` make, reading only the
+    model folder's configs and file headers (never torch): missing or damaged files, clip sizes the model cannot
+    take (each :class:`~t2vu.core.preflight.Clip` names its spec settings), and the model's eraser sites and
+    transformer config, so that ``eraser.sites`` and eraser files are checked before anything loads.
     """
 
     name: str  # the registered name, recorded in eraser files

@@ -19,8 +19,12 @@ from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo
 
+from t2vu.core.errors import T2VUError
 from t2vu.core.protocols import VideoDefaults
 from t2vu.core.registry import Component, Options, Registry
+
+if typing.TYPE_CHECKING:  # pragma: no cover
+    from t2vu.core.preflight import Clip, ModelFacts
 
 PathKey = tuple[Union[str, int], ...]
 
@@ -59,6 +63,23 @@ class BackboneOptions(Options):
     dtype: Dtype = Field("bfloat16", description="Dtype of the frozen base model.")
     device: Optional[str] = Field(None, description="Device to run on, e.g. 'cuda:1' or 'cpu' (default: "
                                   "accelerate's choice for training, the first GPU if any for generate/eval).")
+
+    def preflight(self, clips: "typing.Sequence[Clip]", decode: bool = False) -> "ModelFacts":
+        """Check what can be known without loading a weight (``t2vu spec validate``, ``--dry-run``, the start of
+        ``run``/``generate``/``eval``): read configs and file headers only, import no torch.
+
+        ``clips``: the clip sizes the command will ask for (:class:`t2vu.core.preflight.Clip`, each number with
+        the spec setting it came from); ``decode``: the command decodes videos (``generate``, ``eval``), so the
+        VAE is needed too. Returns a :class:`t2vu.core.preflight.ModelFacts`: problems as ``(setting, message)``
+        and, where the configs tell, the model's eraser sites and transformer config. Backbones override this;
+        the default checks only that ``model_path`` exists.
+        """
+        from t2vu.core.preflight import ModelFacts
+
+        facts = ModelFacts()
+        if not Path(self.model_path).exists():
+            facts.problem("backbone.model_path", f"{self.model_path} does not exist; point it at the model folder")
+        return facts
 
 
 class LossOptions(Options):
@@ -114,7 +135,14 @@ class TrainingSpec(_Strict):
     width: Optional[int] = Field(None, gt=0, description="Width in pixels (default: the backbone's).")
     seed: int = 42
     gradient_checkpointing: bool = True
-    checkpoint_every: int = Field(0, ge=0, description="Save a checkpoint every N steps (0: never).")
+    checkpoint_every: int = Field(0, ge=0, description="Save a checkpoint every N steps (0: never): the eraser "
+                                  "plus the optimiser, schedule, RNG and state-pool state that `t2vu run --resume` "
+                                  "continues from. Also written when the run is interrupted (Ctrl-C, SIGTERM).")
+    keep_checkpoints: int = Field(2, gt=0, description="How many of the newest checkpoints to keep; older ones are "
+                                  "deleted once a newer one is complete.")
+    divergence_factor: float = Field(1.0e4, gt=1, description="Stop the run when the loss exceeds this multiple of "
+                                     "its median over the last 50 steps (a diverging run, typically a too high "
+                                     "learning_rate); non-finite losses, gradients and eraser weights always stop it.")
     states: Literal["noise", "trajectory", "erased_trajectory"] = Field(
         "noise", description="Where x_t comes from: noised random latents; the frozen model's guided sampler "
         "run from a target prompt (its predictions reused as teacher values); or the erased model's sampler.")
@@ -244,6 +272,7 @@ class ResolvedSpec:
     eval_prompts: Optional[Resolved] = None  # a prompt-set generator block, when eval.prompts is one
     anchor_source: Optional[Resolved] = None  # a concept-source block, when concept.anchor is one
     judges: list[Resolved] = field(default_factory=list)
+    document: Optional["SpecDocument"] = None  # the loaded YAML (lines of each key), for later problems
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved spec, defaults filled in, paths absolute."""
@@ -364,14 +393,41 @@ class SpecDocument:
         return ""
 
 
+def not_text(data: bytes, path: Path) -> Optional[str]:
+    """Why ``data`` (the contents of ``path``) is not UTF-8 text, or ``None`` when it is."""
+    if b"\x00" in data[:65536]:
+        return f"{path} is a binary file, not text; name a UTF-8 text file"
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        return (f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}: Latin-1 or another "
+                f"legacy encoding?); save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 {Path(path).name} > fixed`")
+    return None
+
+
+def read_text_file(path: Path) -> str:
+    """The text of a UTF-8 file (a leading BOM dropped); :class:`T2VUError` naming the file when it is
+    binary or in another encoding."""
+    data = Path(path).read_bytes()
+    problem = not_text(data, Path(path))
+    if problem is not None:
+        raise T2VUError(problem)
+    return data.decode("utf-8-sig")
+
+
 def load_document(path: Union[str, Path]) -> SpecDocument:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text_file(path)
     except FileNotFoundError:
         raise SpecError([Problem((), f"spec file not found: {path}")]) from None
+    except IsADirectoryError:
+        raise SpecError([Problem((), f"{path} is a folder; name the spec's YAML file")]) from None
     except OSError as exc:
-        raise SpecError([Problem((), f"cannot read spec file {path}: {exc}")]) from None
+        raise SpecError([Problem((), f"cannot read spec file {path}: {exc.strerror or exc}")]) from None
+    except T2VUError as exc:
+        raise SpecError([Problem((), f"{exc} (a spec is a YAML text file)")]) from None
     return parse_document(text, source=path)
 
 
@@ -546,6 +602,8 @@ def validate(doc: SpecDocument, registry: Registry) -> ResolvedSpec:
         value = data.get(section)
         if section == "eraser" and value is None:
             value = {"name": "adapter"}
+        elif section == "eraser" and isinstance(value, dict) and "name" not in value:
+            value = {"name": "adapter", **value}  # the default eraser, as when the section is left out
         if value is None:
             resolved[section] = [] if section in ("losses", "preserved", "augment") else None
             continue
@@ -577,6 +635,7 @@ def validate(doc: SpecDocument, registry: Registry) -> ResolvedSpec:
         spec=spec, backbone=resolved["backbone"], eraser=resolved["eraser"],
         losses=resolved["losses"], preserved=resolved["preserved"], augment=resolved["augment"],
         source=doc.source, raw=data, eval_prompts=eval_prompts, judges=judges, anchor_source=anchor_source,
+        document=doc,
     )
 
 
@@ -655,10 +714,11 @@ def load_spec(path: Union[str, Path], registry: Registry, overrides: Optional[li
 
 
 def read_lines_file(path: Path) -> list[str]:
-    """One item a line; '#' comments and blank lines ignored; duplicates dropped, order kept."""
+    """One item a line; '#' comments and blank lines ignored; duplicates dropped, order kept.
+    :class:`T2VUError` when the file is not UTF-8 text; ``OSError`` when it cannot be read."""
     items: list[str] = []
     seen: set[str] = set()
-    for raw in path.read_text(encoding="utf-8").splitlines():
+    for raw in read_text_file(path).splitlines():
         line = raw.split("#", 1)[0].strip()
         if line and line not in seen:
             seen.add(line)

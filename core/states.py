@@ -73,6 +73,24 @@ class TrajectoryStates:
                         guidance=self.guidance_scale, depth=depth, visit=visit)
         self.pool = pool
 
+    def state_dict(self) -> dict:
+        """The pool (a resumed run continues with the same states) and the sampler-call count."""
+        if not self.pool:
+            return {"calls": self.sampler_calls}
+        roles = sorted(set.intersection(*(set(entry[3]) for entry in self.pool)))
+        return {"calls": self.sampler_calls, "x_t": torch.stack([e[0] for e in self.pool]),
+                "t": torch.stack([torch.as_tensor(e[1]) for e in self.pool]), "prompts": [e[2] for e in self.pool],
+                "frozen": {role: torch.stack([e[3][role] for e in self.pool]) for role in roles}}
+
+    def load_state_dict(self, state: dict, device) -> None:
+        self.sampler_calls = state["calls"]
+        if "x_t" not in state:
+            self.pool = []
+            return
+        frozen = {role: v.to(device) for role, v in state["frozen"].items()}
+        self.pool = [(x.to(device), t.to(device), p, {role: v[i] for role, v in frozen.items()})
+                     for i, (x, t, p) in enumerate(zip(state["x_t"], state["t"], state["prompts"]))]
+
     def next(self, step: int, prompts: list[str]) -> States:
         if not self.pool or step % self.refresh_every == 0:
             self._refresh(prompts)

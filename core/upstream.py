@@ -98,11 +98,19 @@ def _load_upstream_weights(weights: Path) -> dict:
     try:
         raw = torch.load(weights, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise T2VUError(f"{weights}: refused to unpickle it: it holds objects other than tensors and dicts "
-                        f"(t2vu only loads .pt files with weights_only=True). {first}") from None
+        import re
+
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        what = f" (it calls {found.group(1)})" if found else ""
+        raise T2VUError(f"{weights}: refused to unpickle it: the file contains pickled code{what}, not only "
+                        "tensors, and t2vu will not run code from a weights file. Ask its author for a safetensors "
+                        "file, or, only if you trust where it came from, convert it to safetensors in a separate "
+                        "environment (load its tensors there and save them with safetensors.torch.save_file)") from None
     except Exception as exc:  # corrupt zip, not a torch file, ...
-        raise T2VUError(f"{weights}: cannot read it as a torch weights file ({type(exc).__name__}: {exc})") from None
+        first = (str(exc).strip().splitlines() or [""])[0]
+        detail = f" ({type(exc).__name__}: {first})" if first and "weights_only" not in first else ""
+        raise T2VUError(f"{weights}: cannot read it as a torch weights file{detail}; it is damaged or not a "
+                        "torch file: get the eraser again") from None
     if not isinstance(raw, Mapping):
         raise T2VUError(f"{weights}: expected a dict of eraser weights, got {type(raw).__name__}")
     by_site: dict[str, dict] = {}

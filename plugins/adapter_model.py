@@ -165,6 +165,13 @@ class EraserSet(nn.Module):
         return out
 
 
+    def load_state_dict_by_site(self, state: dict[str, torch.Tensor]) -> None:
+        """The inverse of :meth:`state_dict_by_site` (every tensor must be there, nothing else)."""
+        for name in self.site_names:
+            prefix = f"{name}."
+            self.eraser(name).load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+
 def _key(site: str) -> str:
     return site.replace(".", "__")
 

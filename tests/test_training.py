@@ -102,7 +102,7 @@ def test_stream_start_holds_a_stream_off_until_its_step(tmp_path, tiny_folder):
 
     spec = write(tmp_path, tiny_folder, steps=4, ckpt=1)
     r = runner.invoke(app, ["run", str(spec), "--set", "eraser.streams=[video, text]",
-                            "--set", "training.stream_start={text: 2}"])
+                            "--set", "training.stream_start={text: 2}", "--set", "training.keep_checkpoints=3"])
     assert r.exit_code == 0, r.output
 
     def ups(path):
@@ -202,7 +202,7 @@ def test_run_writes_a_loadable_eraser_and_refuses_to_overwrite(tmp_path, tiny_fo
 
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     r = runner.invoke(app, ["run", str(spec)])
-    assert r.exit_code == 1 and "already holds a run" in r.output
+    assert r.exit_code == 1 and "already holds a finished run" in r.output
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 

@@ -7,10 +7,11 @@ Light on purpose (no torch at import): the implementations live in
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Optional
+from typing import TYPE_CHECKING, Callable, ClassVar, Optional, Sequence
 
 from pydantic import Field
 
+from t2vu.backbones import cogvideox, hunyuanvideo
 from t2vu.backbones.cogvideox import CogVideoXOptions
 from t2vu.backbones.hunyuanvideo import HunyuanVideoOptions
 from t2vu.core.hookspecs import hookimpl
@@ -18,9 +19,48 @@ from t2vu.core.protocols import VideoDefaults
 from t2vu.core.registry import Options
 from t2vu.core.spec import ConceptSourceOptions, Dtype, SpecPath
 
+if TYPE_CHECKING:  # pragma: no cover
+    from t2vu.core.preflight import Clip, ModelFacts
+
 #: The shipped base model folders: CogVideoX architecture, HunyuanVideo architecture.
 BASE_PATH = Path(__file__).resolve().parent / "base"
 BASE_HUNYUAN_PATH = Path(__file__).resolve().parent / "base_hunyuanvideo"
+
+
+def toy_preflight(path: Path, base: Path, build: str, check_folder: Callable, site_names: Callable,
+                  clips: Sequence[Clip]) -> ModelFacts:
+    """Pre-load checks of a toy-world folder: ``world.json`` and the architecture's configs and weights headers
+    (``check_folder``, no VAE: the toy is pixel-space), and the world's fixed clip shape for every clip."""
+    from t2vu.core.preflight import ModelFacts, read_json
+
+    facts = ModelFacts()
+    setting = "backbone.model_path"
+    path = Path(path)
+    if not (path / "world.json").exists() and path.resolve() == base:
+        facts.problem(setting, f"the shipped toy base model is missing from {path}; rebuild it with "
+                               f"`{build} --out {path}`")
+        return facts
+    if not path.exists():
+        facts.problem(setting, f"{path} does not exist; make a toy model with `{build} --out {path}` (or leave "
+                               "model_path out for the shipped base)")
+        return facts
+    if path.is_dir() and not (path / "world.json").exists():
+        facts.problem(setting, f"{path} is not a toy-world model folder (no world.json); make one with "
+                               f"`{build} --out DIR`")
+        return facts
+    cfg = check_folder(path, facts, False, vae=False, hint=f"`{build} --out {{path}}`")
+    world = read_json(path / "world.json", setting, facts) if cfg is not None else None
+    if cfg is None or world is None:
+        return facts
+    frames, size = int(world.get("frames", 0)), int(world.get("size", 0))
+    for clip in clips:
+        for key, want in (("num_frames", frames), ("height", size), ("width", size)):
+            if getattr(clip, key) != want:
+                facts.problem(clip.setting(key), f"{getattr(clip, key)}: this toy world's clips are {frames} "
+                                                 f"frames of {size}x{size}, the only size its model takes; "
+                                                 f"set {key} {want} (or leave it out)")
+    facts.sites, facts.config = site_names(cfg), cfg
+    return facts
 
 
 class ToyOptions(CogVideoXOptions):
@@ -34,6 +74,11 @@ class ToyOptions(CogVideoXOptions):
     model_path: SpecPath = Field(BASE_PATH, description="Toy model folder (default: the shipped base).")
     dtype: Dtype = Field("float32", description="Dtype of the frozen base model.")
 
+    def preflight(self, clips: Sequence[Clip], decode: bool = False) -> ModelFacts:
+        """See :func:`toy_preflight` (the CogVideoX architecture)."""
+        return toy_preflight(self.model_path, BASE_PATH, "t2vu toy build", cogvideox.check_folder,
+                             cogvideox.site_names, clips)
+
 
 class ToyHunyuanVideoOptions(HunyuanVideoOptions):
     """A HunyuanVideo-architecture toy-world model folder (default: the one shipped with t2vu-toy)."""
@@ -46,6 +91,11 @@ class ToyHunyuanVideoOptions(HunyuanVideoOptions):
     max_sequence_length: int = Field(8, gt=0, description="Llama tokens per caption (the toy's captions are short).")
     prompt_template: Optional[str] = Field("{}", description="The toy encodes the caption itself, no system prompt.")
     crop_start: Optional[int] = Field(0, ge=0, description="Template tokens before the caption (none).")
+
+    def preflight(self, clips: Sequence[Clip], decode: bool = False) -> ModelFacts:
+        """See :func:`toy_preflight` (the HunyuanVideo architecture)."""
+        return toy_preflight(self.model_path, BASE_HUNYUAN_PATH, "t2vu toy build --arch hunyuanvideo",
+                             hunyuanvideo.check_folder, hunyuanvideo.site_names, clips)
 
 
 class JudgeOptions(Options):
