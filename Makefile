@@ -28,7 +28,7 @@ test: setup
 # The Quick start's main job: erase "red" from the shipped toy model, then print the before/after table.
 demo: setup
 	$(VENV)/bin/t2vu run examples/toy-erase-red.yaml --set output.overwrite=true
-	$(VENV)/bin/t2vu eval examples/toy-erase-red.yaml
+	$(VENV)/bin/t2vu eval examples/toy-erase-red.yaml --overwrite
 
 bench: setup
 	$(PY) benchmarks/cli_startup.py

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import typer
 
@@ -79,23 +79,62 @@ def generate_command(
 
 
 def eval_command(
-    spec: Path = typer.Argument(..., help="The run spec (YAML) with an 'eval:' section."),
+    spec: Optional[Path] = typer.Argument(None, help="The run spec (YAML) with an 'eval:' section."),
     eraser: Optional[Path] = typer.Option(None, "--eraser", help="Eraser file (default: <output.dir>/eraser.safetensors)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the report (default: <output.dir>/eval)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a report already in the report folder."),
+    compare: Optional[Tuple[Path, Path]] = typer.Option(
+        None, "--compare", help="Print two existing reports side by side (report.json files or their folders) "
+        "and the settings that differ; nothing is generated. Example: t2vu eval --compare runs/a/eval runs/b/eval"),
 ) -> None:
     """Generate the eval prompts with and without the eraser, judge them, write eval/report.{json,md}."""
     from t2vu.core.cli import console, fail, load_resolved, preflight
     from t2vu.core.errors import T2VUError
 
+    if compare is not None:
+        _print_comparison(console, *compare)
+        return
+    if spec is None:
+        fail("t2vu eval needs a SPEC (or --compare A B)", 2)
     resolved = load_resolved(spec, set_)
     if resolved.spec.eval is None:
         fail("the spec has no 'eval:' section; add one (see docs/evaluation.md)")
+    try:
+        from t2vu.core.evaluate import report_dir
+
+        folder = report_dir(resolved, out, overwrite)  # refused before anything loads
+    except T2VUError as exc:
+        fail(str(exc))
     preflight(resolved, "eval", *_eraser_arg(resolved, eraser))
     try:
         from t2vu.core.evaluate import evaluate
 
-        evaluate(resolved, eraser, console=console)
+        evaluate(resolved, eraser, console=console, out=folder, overwrite=overwrite)
     except T2VUError as exc:
         fail(str(exc))
         return
-    console.print(f"[green]report:[/] {Path(resolved.spec.output.dir) / 'eval' / 'report.md'}")
+    console.print(f"[green]report:[/] {folder / 'report.md'}")
+
+
+def _print_comparison(console, a: Path, b: Path) -> None:
+    from rich.table import Table
+
+    from t2vu.core.evaluate import compare
+
+    rows, differ = compare(a, b)
+    table = Table(title=f"A: {a}   B: {b}")
+    for col in ("metric", "A before", "A after", "B before", "B after"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    if differ:
+        diff = Table(title="settings that differ")
+        for col in ("setting", "A", "B"):
+            diff.add_column(col)
+        for row in differ:
+            diff.add_row(*row)
+        console.print(diff)
+    else:
+        console.print("same settings and eraser metadata")

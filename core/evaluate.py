@@ -1,8 +1,10 @@
 """``t2vu eval``: generate with and without the eraser from the same seeds, judge, report.
 
-Writes ``<output.dir>/eval/report.json`` (``summary``: metric -> {"before", "after"},
-plus every row), ``report.md`` (the table and side-by-side thumbnails) and the
-thumbnails themselves.
+Writes ``<output.dir>/eval/report.json`` (``summary``: metric -> {"before", "after"}, the exact
+``settings`` (sampler, clip size, judges, seeds) and the eraser's metadata, plus every row; keys sorted, so
+two reports diff cleanly), ``report.md`` (the table and side-by-side thumbnails) and the thumbnails
+themselves. An earlier report is never replaced unless asked (``--overwrite``); :func:`compare` puts two
+reports side by side (``t2vu eval --compare A B``).
 """
 
 from __future__ import annotations
@@ -35,26 +37,31 @@ class EvalResult:
     pixel_change: float  # mean |after - before| on [0, 1]
 
 
-def rows_from_csv(path: Path, seeds: list[int]) -> list[EvalPrompt]:
+def rows_from_csv(path: Path, seeds: list[int], prompt_column: str = "prompt",
+                  seed_column: str = "seed") -> list[EvalPrompt]:
+    """Rows of a CSV prompt set: ``prompt_column``, optional ``seed_column``, ``group`` and ``expect_<attribute>``
+    columns; a row without a seed is repeated for each of ``seeds``."""
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
-            if not reader.fieldnames or "prompt" not in reader.fieldnames:
-                raise T2VUError(f"eval.prompts: {path} needs a 'prompt' column (has {reader.fieldnames})")
+            if not reader.fieldnames or prompt_column not in reader.fieldnames:
+                raise T2VUError(f"eval.prompts: {path} needs a {prompt_column!r} column (it has "
+                                f"{reader.fieldnames}); name the prompt column with eval.prompt_column")
             raw = list(reader)
     except OSError as exc:
         raise T2VUError(f"eval.prompts: cannot read {path}: {exc}") from None
     rows = []
     for i, r in enumerate(raw, start=2):
-        prompt = (r.get("prompt") or "").strip()
+        prompt = (r.get(prompt_column) or "").strip()
         if not prompt:
             continue
         expect = {k[len("expect_"):]: v.strip() for k, v in r.items() if k and k.startswith("expect_") and v}
-        if r.get("seed", "").strip():
+        seed = (r.get(seed_column) or "").strip()
+        if seed:
             try:
-                row_seeds = [int(r["seed"])]
+                row_seeds = [int(float(seed))] if float(seed).is_integer() else [int(seed)]
             except ValueError:
-                raise T2VUError(f"eval.prompts: {path} line {i}: seed {r['seed']!r} is not an integer") from None
+                raise T2VUError(f"eval.prompts: {path} line {i}: {seed_column} {seed!r} is not an integer") from None
         else:
             row_seeds = seeds
         rows += [EvalPrompt(prompt, s, (r.get("group") or "").strip(), expect) for s in row_seeds]
@@ -69,7 +76,7 @@ def eval_rows(resolved: ResolvedSpec) -> tuple[list[EvalPrompt], Any]:
         return list(prompt_set.rows(resolved)), prompt_set
     if isinstance(ev.prompts, list):
         return [EvalPrompt(p, s) for p in ev.prompts for s in ev.seeds], None
-    return rows_from_csv(Path(ev.prompts), ev.seeds), None
+    return rows_from_csv(Path(ev.prompts), ev.seeds, ev.prompt_column, ev.seed_column), None
 
 
 def generic_summary(results: list[EvalResult]) -> dict[str, dict[str, float]]:
@@ -109,10 +116,22 @@ def load_for_generation(resolved: ResolvedSpec, eraser_path: Path, prompts: list
     return backbone, handle, embeddings
 
 
-def evaluate(resolved: ResolvedSpec, eraser: Optional[Path] = None, console=None) -> dict:
+def report_dir(resolved: ResolvedSpec, out: Optional[Path] = None, overwrite: bool = False) -> Path:
+    """Where the report goes (``out``, default ``<output.dir>/eval``); refuses a folder that already holds a
+    report unless ``overwrite``, before anything is generated."""
+    folder = Path(out) if out is not None else Path(resolved.spec.output.dir) / "eval"
+    if (folder / "report.json").exists() and not overwrite:
+        raise T2VUError(f"{folder} already holds a report (report.json); write this one elsewhere with "
+                        "--out DIR, or replace it with --overwrite")
+    return folder
+
+
+def evaluate(resolved: ResolvedSpec, eraser: Optional[Path] = None, console=None, out: Optional[Path] = None,
+             overwrite: bool = False) -> dict:
     ev = resolved.spec.eval
     if ev is None:
         raise T2VUError("the spec has no 'eval:' section; add one (see docs/evaluation.md)")
+    folder = report_dir(resolved, out, overwrite)
     if not resolved.judges:
         raise T2VUError("eval.judges is empty: name at least one evaluator (`t2vu plugins list --kind evaluator`)")
     eraser_path = default_eraser(resolved, eraser)
@@ -139,25 +158,33 @@ def evaluate(resolved: ResolvedSpec, eraser: Optional[Path] = None, console=None
             item, {j.attribute: j(before[i]) for j in judges}, {j.attribute: j(after[i]) for j in judges},
             float((after[i] - before[i]).abs().mean())))
     summary = prompt_set.summarize(results) if hasattr(prompt_set, "summarize") else generic_summary(results)
-    return write_report(resolved, eraser_path, results, summary, before, after, console)
+    settings = {"backbone": resolved.backbone.name, "num_frames": frames, "height": height, "width": width,
+                "steps": ev.steps, "guidance": ev.guidance, "seeds": ev.seeds, "batch_size": ev.batch_size,
+                "judges": [j.to_dict() for j in resolved.judges],
+                "prompts": ev.prompts if not isinstance(ev.prompts, dict) else resolved.eval_prompts.to_dict()}
+    return write_report(resolved, eraser_path, results, summary, before, after, console, folder, settings,
+                        dict(handle.metadata))
 
 
-def write_report(resolved, eraser_path, results, summary, before, after, console=None) -> dict:
+def write_report(resolved, eraser_path, results, summary, before, after, console=None, out=None,
+                 settings=None, eraser_meta=None) -> dict:
     from t2vu.core.sampling import side_by_side, write_video
 
-    out = Path(resolved.spec.output.dir) / "eval"
+    out = Path(out) if out is not None else Path(resolved.spec.output.dir) / "eval"
     thumbs = out / "thumbs"
     thumbs.mkdir(parents=True, exist_ok=True)
     picked = _spread(results, resolved.spec.eval.thumbnails)
     for i in picked:
         write_video(thumbs / f"{i:04d}.gif", side_by_side(before[i], after[i]), fps=resolved.video_defaults.fps,
                     upscale=resolved.video_defaults.upscale)
+    eraser_meta = {k: v for k, v in (eraser_meta or {}).items() if k not in ("spec", "backbone_config")}
     report = {
-        "eraser": str(eraser_path), "summary": summary,
+        "eraser": str(eraser_path), "eraser_metadata": eraser_meta, "settings": settings or {}, "summary": summary,
         "rows": [{**asdict(r.item), "before": r.before, "after": r.after, "pixel_change": r.pixel_change}
                  for r in results],
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    report = json.loads(json.dumps(report, default=str))
+    (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     lines = ["# Evaluation", "", f"Eraser: `{eraser_path}`", "", "| metric | before | after | n |",
              "|---|---|---|---|"]
     lines += [f"| {k} | {_fmt(v['before'])} | {_fmt(v['after'])} | {v.get('n', '')} |" for k, v in summary.items()]
@@ -171,6 +198,37 @@ def write_report(resolved, eraser_path, results, summary, before, after, console
     if console is not None:
         print_summary(console, summary)
     return report
+
+
+def compare(a: Path, b: Path) -> tuple[list[tuple[str, ...]], list[tuple[str, str, str]]]:
+    """Two reports side by side: rows ``(metric, A before, A after, B before, B after)`` for every metric of
+    either, and the settings that differ, ``(key, A, B)``. ``a``/``b``: ``report.json`` files or their folders."""
+    reports = []
+    for path in (Path(a), Path(b)):
+        path = path / "report.json" if path.is_dir() else path
+        try:
+            reports.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:
+            raise T2VUError(f"--compare: cannot read the report {path} ({exc}); pass report.json files or the "
+                            "folders that hold them") from None
+    ra, rb = reports
+    rows = []
+    for metric in dict.fromkeys([*ra.get("summary", {}), *rb.get("summary", {})]):
+        va, vb = ra["summary"].get(metric, {}), rb["summary"].get(metric, {})
+        rows.append((metric, _fmt(va.get("before", "-")), _fmt(va.get("after", "-")),
+                     _fmt(vb.get("before", "-")), _fmt(vb.get("after", "-"))))
+
+    def flat(d, prefix=""):
+        for k, v in (d or {}).items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", json.dumps(v, sort_keys=True)
+
+    sa = dict(flat({"settings": ra.get("settings"), "eraser": ra.get("eraser_metadata")}))
+    sb = dict(flat({"settings": rb.get("settings"), "eraser": rb.get("eraser_metadata")}))
+    differ = [(k, sa.get(k, "-"), sb.get(k, "-")) for k in sorted(set(sa) | set(sb)) if sa.get(k) != sb.get(k)]
+    return rows, differ
 
 
 def print_summary(console, summary: dict) -> None:

@@ -181,6 +181,10 @@ class EvalSpec(_Strict):
     height: Optional[int] = Field(None, gt=0, description="Default: training.height.")
     width: Optional[int] = Field(None, gt=0, description="Default: training.width.")
     thumbnails: int = Field(12, ge=0, description="Side-by-side GIFs in report.md.")
+    prompt_column: str = Field("prompt", min_length=1, description="CSV prompt sets: the column holding the "
+                               "prompt (for CSVs from other evaluations, which name it their own way).")
+    seed_column: str = Field("seed", min_length=1, description="CSV prompt sets: the column holding a row's "
+                             "seed (rows without one use eval.seeds).")
 
 
 class RunSpec(_Strict):

@@ -93,6 +93,33 @@ def test_eval_writes_report(trained):
     assert "brightness_accuracy" in r.output
 
 
+def test_eval_keeps_earlier_reports_and_compares_two(trained, tmp_path):
+    root, folder, spec = trained
+    report = root / "run/eval/report.json"
+    if not report.exists():
+        assert runner.invoke(app, ["eval", str(spec)]).exit_code == 0
+    before = report.read_bytes()
+    r = runner.invoke(app, ["eval", str(spec)])
+    assert r.exit_code == 1 and "already holds a report" in r.output and "--overwrite" in r.output
+    assert report.read_bytes() == before
+    # a CSV with other column names (as other evaluations write them), into another folder
+    (root / "other.csv").write_text("text,evaluation_seed\na dog in a park,7\n")
+    other = tmp_path / "other"
+    r = runner.invoke(app, ["eval", str(spec), "--out", str(other), "--set", "eval.prompts=other.csv",
+                            "--set", "eval.prompt_column=text", "--set", "eval.seed_column=evaluation_seed",
+                            "--set", "eval.steps=2"])
+    assert r.exit_code == 0, r.output
+    data = json.loads((other / "report.json").read_text())
+    assert [(row["prompt"], row["seed"]) for row in data["rows"]] == [("a dog in a park", 7)]
+    assert data["settings"]["steps"] == 2 and data["settings"]["num_frames"] == 9
+    assert data["eraser_metadata"]["target"] == "nudity"
+    r = runner.invoke(app, ["eval", "--compare", str(root / "run/eval"), str(other / "report.json")])
+    assert r.exit_code == 0, r.output
+    assert "brightness_accuracy" in r.output and "settings.steps" in r.output and "settings.prompts" in r.output
+    r = runner.invoke(app, ["eval", "--compare", str(root / "run/eval"), str(tmp_path / "nothing")])
+    assert r.exit_code == 1 and "cannot read the report" in r.output
+
+
 def test_eval_without_eval_section_is_a_clear_error(trained, tmp_path):
     root, folder, spec = trained
     text = spec.read_text().split("eval:")[0].replace("dir: run", f"dir: {root / 'run'}")
