@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from t2vu.backbones._folders import component_class
 from t2vu.core.errors import T2VUError
 from t2vu.core.protocols import Guided
 from t2vu.core.upstream import UpstreamLayout
@@ -315,11 +316,7 @@ class HunyuanVideoBackbone:
     # -- text --------------------------------------------------------------------
     def _component_class(self, key: str, default: str):
         """The class ``model_index.json`` names for a transformers component (what the pipeline loads)."""
-        import transformers
-
-        entry = self.index.get(key)
-        name = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else default
-        return getattr(transformers, name, None) or getattr(transformers, default)
+        return component_class(self.index, key, default)
 
     def tokenizer(self):
         """The Llama tokenizer (light; kept for :meth:`concept_token_mask`)."""

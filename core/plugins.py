@@ -32,6 +32,7 @@ ENTRY_POINT_GROUP = "t2vu"
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "t2vu.backbones.cogvideox",
     "t2vu.backbones.hunyuanvideo",
+    "t2vu.backbones.wan",
     "t2vu.plugins.adapter",
     "t2vu.losses.negative_guidance",
     "t2vu.losses.preservation",
