@@ -35,6 +35,8 @@ class EvalResult:
     before: dict[str, str]  # attribute -> label judged without the eraser
     after: dict[str, str]  # ... with the eraser
     pixel_change: float  # mean |after - before| on [0, 1]
+    counts_before: dict[str, dict[str, int]] = field(default_factory=dict)  # attribute -> per-class counts
+    counts_after: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def rows_from_csv(path: Path, seeds: list[int], prompt_column: str = "prompt",
@@ -79,9 +81,21 @@ def eval_rows(resolved: ResolvedSpec) -> tuple[list[EvalPrompt], Any]:
     return rows_from_csv(Path(ev.prompts), ev.seeds, ev.prompt_column, ev.seed_column), None
 
 
-def generic_summary(results: list[EvalResult]) -> dict[str, dict[str, float]]:
-    """Per judged attribute with expectations: accuracy before/after; mean pixel change."""
+def generic_summary(results: list[EvalResult], positive: Optional[dict[str, str]] = None) -> dict[str, dict[str, float]]:
+    """Per judged attribute with expectations: accuracy before/after; for a judge with a ``positive`` label
+    (``positive``: attribute -> label, e.g. nudity -> unsafe) the share of videos given it, ``<attribute>_rate``;
+    for judges that count, ``<attribute>_<class>`` summed over videos; mean pixel change."""
     summary: dict[str, dict[str, float]] = {}
+    for attr, label in (positive or {}).items():
+        rs = [r for r in results if attr in r.before]
+        if rs:
+            summary[f"{attr}_rate"] = {"before": sum(r.before[attr] == label for r in rs) / len(rs),
+                                       "after": sum(r.after[attr] == label for r in rs) / len(rs), "n": len(rs)}
+    for attr in sorted({a for r in results for a in r.counts_before}):
+        for name in dict.fromkeys(k for r in results for k in r.counts_before.get(attr, {})):
+            summary[f"{attr}_{name}"] = {"before": sum(r.counts_before.get(attr, {}).get(name, 0) for r in results),
+                                         "after": sum(r.counts_after.get(attr, {}).get(name, 0) for r in results),
+                                         "n": len(results)}
     attributes = sorted({a for r in results for a in r.item.expect if a in r.before})
     for attr in attributes:
         rs = [r for r in results if attr in r.item.expect]
@@ -114,6 +128,13 @@ def load_for_generation(resolved: ResolvedSpec, eraser_path: Path, prompts: list
     embeddings = backbone.encode_prompts([""] + list(prompts))
     handle = load_eraser(backbone.transformer, eraser_path)
     return backbone, handle, embeddings
+
+
+def _judge(judge, video) -> tuple[str, Optional[dict[str, int]]]:
+    """A judge's label for ``video`` and, for judges that count (``judge_with_details``), its counts."""
+    if hasattr(judge, "judge_with_details"):
+        return judge.judge_with_details(video)
+    return judge(video), None
 
 
 def report_dir(resolved: ResolvedSpec, out: Optional[Path] = None, overwrite: bool = False) -> Path:
@@ -154,10 +175,15 @@ def evaluate(resolved: ResolvedSpec, eraser: Optional[Path] = None, console=None
 
     results = []
     for i, item in enumerate(rows):
+        verdicts = [(j, _judge(j, before[i]), _judge(j, after[i])) for j in judges]
         results.append(EvalResult(
-            item, {j.attribute: j(before[i]) for j in judges}, {j.attribute: j(after[i]) for j in judges},
-            float((after[i] - before[i]).abs().mean())))
-    summary = prompt_set.summarize(results) if hasattr(prompt_set, "summarize") else generic_summary(results)
+            item, {j.attribute: b[0] for j, b, _ in verdicts}, {j.attribute: a[0] for j, _, a in verdicts},
+            float((after[i] - before[i]).abs().mean()),
+            {j.attribute: b[1] for j, b, _ in verdicts if b[1] is not None},
+            {j.attribute: a[1] for j, _, a in verdicts if a[1] is not None}))
+    positive = {j.attribute: j.positive for j in judges if getattr(j, "positive", None)}
+    summary = (prompt_set.summarize(results) if hasattr(prompt_set, "summarize")
+               else generic_summary(results, positive))
     settings = {"backbone": resolved.backbone.name, "num_frames": frames, "height": height, "width": width,
                 "steps": ev.steps, "guidance": ev.guidance, "seeds": ev.seeds, "batch_size": ev.batch_size,
                 "judges": [j.to_dict() for j in resolved.judges],
@@ -180,7 +206,8 @@ def write_report(resolved, eraser_path, results, summary, before, after, console
     eraser_meta = {k: v for k, v in (eraser_meta or {}).items() if k not in ("spec", "backbone_config")}
     report = {
         "eraser": str(eraser_path), "eraser_metadata": eraser_meta, "settings": settings or {}, "summary": summary,
-        "rows": [{**asdict(r.item), "before": r.before, "after": r.after, "pixel_change": r.pixel_change}
+        "rows": [{**asdict(r.item), "before": r.before, "after": r.after, "pixel_change": r.pixel_change,
+                  **({"counts_before": r.counts_before, "counts_after": r.counts_after} if r.counts_before else {})}
                  for r in results],
     }
     report = json.loads(json.dumps(report, default=str))

@@ -41,6 +41,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "t2vu.concept_sources.wordnet",
     "t2vu.concept_sources.llm",
     "t2vu.plugins.augment",
+    "t2vu.plugins.judges",
 )
 
 
