@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Mapping
+
+from t2vu.core.errors import T2VUError
 
 
 def component_class(index: Mapping[str, Any], key: str, default: str):
@@ -13,3 +17,11 @@ def component_class(index: Mapping[str, Any], key: str, default: str):
     entry = index.get(key)
     name = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else default
     return getattr(transformers, name, None) or getattr(transformers, default)
+
+
+def read_json(path: Path, where: str) -> dict:
+    """A JSON config of the model folder; :class:`T2VUError` naming ``where`` when it cannot be read."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise T2VUError(f"backbone.model_path: cannot read {where} ({exc})") from None

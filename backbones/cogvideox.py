@@ -83,16 +83,14 @@ class CogVideoXOptions(BackboneOptions):
         """The folder (configs, weights headers, ``vae/`` when ``decode``), and each clip: ``4k+1`` frames
         (the VAE's temporal compression) and sizes that are multiples of VAE scale x patch size; a model with
         learned positional embeddings only takes its own sample size. Reads configs only."""
-        from t2vu.core.preflight import ModelFacts, frames_rule, read_json, size_rule
+        from t2vu.core.preflight import ModelFacts, frames_rule, size_rule, vae_config
 
         facts = ModelFacts()
         path = Path(self.model_path)
         cfg = check_folder(path, facts, decode)
         if cfg is None:
             return facts
-        vae = {}
-        if (path / "vae/config.json").is_file():
-            vae = read_json(path / "vae/config.json", "backbone.model_path", facts) or {}
+        vae = vae_config(path, facts)
         temporal = int(vae.get("temporal_compression_ratio", cfg.get("temporal_compression_ratio", 4)) or 1)
         spatial = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
         patch = int(cfg.get("patch_size", 2) or 1)

@@ -111,16 +111,14 @@ class HunyuanVideoOptions(BackboneOptions):
         """The folder (configs, weights headers, ``vae/`` when ``decode``), and each clip: ``4k+1`` frames (the
         VAE's temporal compression, a multiple of ``patch_size_t`` latent frames) and sizes that are multiples of
         VAE scale x patch size. Reads configs only."""
-        from t2vu.core.preflight import ModelFacts, frames_rule, read_json, size_rule
+        from t2vu.core.preflight import ModelFacts, frames_rule, size_rule, vae_config
 
         facts = ModelFacts()
         path = Path(self.model_path)
         cfg = check_folder(path, facts, decode)
         if cfg is None:
             return facts
-        vae = {}
-        if (path / "vae/config.json").is_file():
-            vae = read_json(path / "vae/config.json", "backbone.model_path", facts) or {}
+        vae = vae_config(path, facts)
         temporal = int(vae.get("temporal_compression_ratio", 4) or 1)
         spatial = int(vae.get("spatial_compression_ratio", 8) or 1)
         patch, patch_t = int(cfg.get("patch_size", 2) or 1), int(cfg.get("patch_size_t", 1) or 1)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from t2vu.backbones._folders import component_class
+from t2vu.backbones._folders import read_json as _read_json
 from t2vu.core.errors import T2VUError
 from t2vu.core.protocols import Guided
 from t2vu.core.upstream import UpstreamLayout
@@ -80,13 +80,6 @@ def transformer_sites(transformer: nn.Module) -> list[Site]:
             sites.append(Site(name=f"{name}.text", module=attn, dim=text_in.in_features, attention=name,
                               stream="text"))
     return sites
-
-
-def _read_json(path: Path, where: str) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise T2VUError(f"backbone.model_path: cannot read {where} ({exc})") from None
 
 
 def check_model_folder(path: Path) -> dict:

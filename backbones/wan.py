@@ -126,16 +126,14 @@ class WanOptions(BackboneOptions):
         """The folder (configs, weights headers, ``vae/`` when ``decode``), and each clip: ``4k+1`` frames (the
         VAE's temporal compression) and sizes that are multiples of VAE scale x patch size (16). Reads configs
         only."""
-        from t2vu.core.preflight import ModelFacts, frames_rule, read_json, size_rule
+        from t2vu.core.preflight import ModelFacts, frames_rule, size_rule, vae_config
 
         facts = ModelFacts()
         path = Path(self.model_path)
         cfg = check_folder(path, facts, decode)
         if cfg is None:
             return facts
-        vae = {}
-        if (path / "vae/config.json").is_file():
-            vae = read_json(path / "vae/config.json", "backbone.model_path", facts) or {}
+        vae = vae_config(path, facts)
         temporal = int(vae.get("scale_factor_temporal", 4) or 1)
         spatial = int(vae.get("scale_factor_spatial", 8) or 1)
         patch = cfg.get("patch_size", [1, 2, 2]) or [1, 2, 2]

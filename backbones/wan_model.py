@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from t2vu.backbones._folders import component_class
+from t2vu.backbones._folders import read_json as _read_json
 from t2vu.backbones.wan import DOWNLOAD_HINT, REQUIRED, folder_problem
 from t2vu.core.errors import T2VUError
 from t2vu.core.protocols import Guided
@@ -50,13 +50,6 @@ def transformer_sites(transformer: nn.Module) -> list[Site]:
             attn, name = getattr(block, attn_name), f"blocks.{i}.{attn_name}"
             sites.append(Site(name=name, module=attn, dim=attn.to_out[0].out_features, attention=name))
     return sites
-
-
-def _read_json(path: Path, where: str) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise T2VUError(f"backbone.model_path: cannot read {where} ({exc})") from None
 
 
 def check_model_folder(path: Path) -> tuple[dict, dict]:

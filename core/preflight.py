@@ -128,6 +128,14 @@ def read_diffusers_folder(path: Path, facts: ModelFacts, required: Sequence[str]
     return index, cfg, sched
 
 
+def vae_config(path: Path, facts: ModelFacts) -> dict:
+    """``vae/config.json`` of a pipeline folder, ``{}`` when the folder has no VAE (training needs none); a
+    damaged one is recorded as a problem."""
+    if not (Path(path) / "vae/config.json").is_file():
+        return {}
+    return read_json(Path(path) / "vae/config.json", "backbone.model_path", facts) or {}
+
+
 def safetensors_header(path: Path) -> dict:
     """The JSON header of a safetensors file (no tensor is read); ``ValueError`` saying what is wrong,
     including a file shorter than its header says (a truncated download)."""
