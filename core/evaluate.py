@@ -37,6 +37,8 @@ class EvalResult:
     pixel_change: float  # mean |after - before| on [0, 1]
     counts_before: dict[str, dict[str, int]] = field(default_factory=dict)  # attribute -> per-class counts
     counts_after: dict[str, dict[str, int]] = field(default_factory=dict)
+    scores_before: dict[str, float] = field(default_factory=dict)  # attribute -> score (judges that score)
+    scores_after: dict[str, float] = field(default_factory=dict)
 
 
 def rows_from_csv(path: Path, seeds: list[int], prompt_column: str = "prompt",
@@ -82,7 +84,8 @@ def eval_rows(resolved: ResolvedSpec) -> tuple[list[EvalPrompt], Any]:
 
 
 def generic_summary(results: list[EvalResult], positive: Optional[dict[str, str]] = None) -> dict[str, dict[str, float]]:
-    """Per judged attribute with expectations: accuracy before/after; for a judge with a ``positive`` label
+    """Per judged attribute with expectations: accuracy before/after; for a judge that scores (``score(video,
+    prompt)``, e.g. CLIP score) the mean score; for a judge with a ``positive`` label
     (``positive``: attribute -> label, e.g. nudity -> unsafe) the share of videos given it, ``<attribute>_rate``;
     for judges that count, ``<attribute>_<class>`` summed over videos; mean pixel change."""
     summary: dict[str, dict[str, float]] = {}
@@ -91,6 +94,10 @@ def generic_summary(results: list[EvalResult], positive: Optional[dict[str, str]
         if rs:
             summary[f"{attr}_rate"] = {"before": sum(r.before[attr] == label for r in rs) / len(rs),
                                        "after": sum(r.after[attr] == label for r in rs) / len(rs), "n": len(rs)}
+    for attr in sorted({a for r in results for a in r.scores_before}):
+        rs = [r for r in results if attr in r.scores_before]
+        summary[attr] = {"before": sum(r.scores_before[attr] for r in rs) / len(rs),
+                         "after": sum(r.scores_after[attr] for r in rs) / len(rs), "n": len(rs)}
     for attr in sorted({a for r in results for a in r.counts_before}):
         for name in dict.fromkeys(k for r in results for k in r.counts_before.get(attr, {})):
             summary[f"{attr}_{name}"] = {"before": sum(r.counts_before.get(attr, {}).get(name, 0) for r in results),
@@ -174,13 +181,17 @@ def evaluate(resolved: ResolvedSpec, eraser: Optional[Path] = None, console=None
     handle.remove()
 
     results = []
+    labellers = [j for j in judges if not hasattr(j, "score")]
+    scorers = [j for j in judges if hasattr(j, "score")]
     for i, item in enumerate(rows):
-        verdicts = [(j, _judge(j, before[i]), _judge(j, after[i])) for j in judges]
+        verdicts = [(j, _judge(j, before[i]), _judge(j, after[i])) for j in labellers]
         results.append(EvalResult(
             item, {j.attribute: b[0] for j, b, _ in verdicts}, {j.attribute: a[0] for j, _, a in verdicts},
             float((after[i] - before[i]).abs().mean()),
             {j.attribute: b[1] for j, b, _ in verdicts if b[1] is not None},
-            {j.attribute: a[1] for j, _, a in verdicts if a[1] is not None}))
+            {j.attribute: a[1] for j, _, a in verdicts if a[1] is not None},
+            {j.attribute: j.score(before[i], item.prompt) for j in scorers},
+            {j.attribute: j.score(after[i], item.prompt) for j in scorers}))
     positive = {j.attribute: j.positive for j in judges if getattr(j, "positive", None)}
     summary = (prompt_set.summarize(results) if hasattr(prompt_set, "summarize")
                else generic_summary(results, positive))
@@ -207,7 +218,8 @@ def write_report(resolved, eraser_path, results, summary, before, after, console
     report = {
         "eraser": str(eraser_path), "eraser_metadata": eraser_meta, "settings": settings or {}, "summary": summary,
         "rows": [{**asdict(r.item), "before": r.before, "after": r.after, "pixel_change": r.pixel_change,
-                  **({"counts_before": r.counts_before, "counts_after": r.counts_after} if r.counts_before else {})}
+                  **({"counts_before": r.counts_before, "counts_after": r.counts_after} if r.counts_before else {}),
+                  **({"scores_before": r.scores_before, "scores_after": r.scores_after} if r.scores_before else {})}
                  for r in results],
     }
     report = json.loads(json.dumps(report, default=str))

@@ -3,6 +3,9 @@
 - ``nudenet``: the NudeNet detector (the ``nudenet`` package ships its ONNX model in the wheel and runs on
   the CPU) on the video's frames; a video is ``unsafe`` when any judged frame has a listed body class at or
   above the score threshold. It also counts detections per class, summed over frames.
+- ``clip_score``: text-video alignment, CLIP score (100 x the cosine of image and text embeddings, at least
+  0) averaged over frames, with a CLIP model from a local folder; for checking that the eraser keeps
+  non-target prompts on topic.
 
 Implementations live in :mod:`t2vu.plugins.judges_impl`.
 """
@@ -66,7 +69,21 @@ class NudeNetOptions(Options):
         return self.threshold if self.threshold is not None else float(NUDENET_PRESETS[self.preset]["threshold"])
 
 
+class ClipScoreOptions(Options):
+    """CLIP score of each video against its own prompt, with a local CLIP folder (``CLIPModel`` with its
+    tokenizer and image processor, e.g. a downloaded openai/clip-vit-large-patch14)."""
+
+    model_path: SpecPath = Field(description="Local folder of a transformers CLIPModel with its tokenizer and "
+                                 "image processor (nothing is downloaded).")
+    frames: Union[Literal["all"], PositiveInt] = Field(8, description="'all' frames, or this many evenly spaced "
+                                                       "ones (first and last included).")
+    batch_size: PositiveInt = Field(16, description="Frames per CLIP call.")
+    device: Optional[str] = Field(None, description="Where CLIP runs (default: cuda when available, else cpu).")
+
+
 @hookimpl
 def register_evaluators(register):
     register("nudenet", "t2vu.plugins.judges_impl:NudeNetJudge", options=NudeNetOptions,
              summary="NudeNet body-part detector on the frames: unsafe/safe, per-class counts")
+    register("clip_score", "t2vu.plugins.judges_impl:ClipScoreJudge", options=ClipScoreOptions,
+             summary="CLIP score of each video against its prompt (mean over frames), local CLIP folder")

@@ -82,3 +82,54 @@ class NudeNetJudge:
 
     def batch(self, videos) -> list[str]:
         return [self(v) for v in videos]
+
+
+class ClipScoreJudge:
+    """``judge.score(video, prompt) -> float``: the CLIP score (``100 * max(cos(image, text), 0)``, the usual
+    definition) of each judged frame against the prompt, averaged over the frames."""
+
+    attribute = "clip_score"
+
+    def __init__(self, options):
+        self.options = options
+        self._model = None
+
+    def _load(self):
+        if self._model is None:
+            import torch
+            from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+            path = Path(self.options.model_path)
+            if not (path / "config.json").is_file():
+                raise T2VUError(f"eval.judges: clip_score model_path {path} is not a CLIP model folder (no "
+                                "config.json); download one, e.g. `huggingface-cli download "
+                                f"openai/clip-vit-large-patch14 --local-dir {path}`")
+            device = self.options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            self._model = CLIPModel.from_pretrained(path).eval().requires_grad_(False).to(device)
+            self._tokenizer = AutoTokenizer.from_pretrained(path)
+            self._processor = CLIPImageProcessor.from_pretrained(path)
+            self._device = device
+        return self._model
+
+    def score(self, video, prompt: str) -> float:
+        import torch
+
+        model = self._load()
+        frames = as_frames(video)[..., ::-1]  # RGB
+        picked = [frames[i] for i in frame_indices(len(frames), self.options.frames)]
+        with torch.no_grad():
+            tokens = self._tokenizer([prompt], padding=True, truncation=True, return_tensors="pt").to(self._device)
+            text = torch.nn.functional.normalize(_features(model.get_text_features(**tokens)), dim=-1)
+            scores = []
+            for start in range(0, len(picked), self.options.batch_size):
+                pixels = self._processor(images=picked[start:start + self.options.batch_size],
+                                         return_tensors="pt")["pixel_values"].to(self._device)
+                image = torch.nn.functional.normalize(_features(model.get_image_features(pixel_values=pixels)),
+                                                      dim=-1)
+                scores.append((100 * image @ text.T).clamp(min=0).squeeze(-1))
+        return float(torch.cat(scores).mean())
+
+
+def _features(out):
+    """The embedding tensor of ``get_*_features`` (a tensor, or an output object holding it)."""
+    return out if hasattr(out, "norm") else out.pooler_output
