@@ -171,6 +171,13 @@ def run(
     if main_process:
         print_plan(resolved)
     if dry_run:
+        from t2vu.core.run_folder import plan
+
+        try:  # would the run be allowed to write there (a finished or unfinished run in output.dir)?
+            plan(Path(resolved.spec.output.dir), overwrite=resolved.spec.output.overwrite, resume=resume,
+                 spec_hint=str(spec), dry=True)
+        except T2VUError as exc:
+            fail(str(exc))
         console.print("[green]dry run:[/] spec valid, model folder, clip size, sites and output.dir checked; "
                       "nothing loaded or written.")
         return

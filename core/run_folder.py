@@ -62,8 +62,9 @@ def _held(folder: Path) -> list[str]:
     return [name for name in OUTPUTS if (folder / name).exists()]
 
 
-def plan(out: Path, *, overwrite: bool, resume: bool, spec_hint: str = "SPEC") -> RunFolder:
-    """Decide where a run writes (see the module docstring); raise :class:`T2VUError` when it may not."""
+def plan(out: Path, *, overwrite: bool, resume: bool, spec_hint: str = "SPEC", dry: bool = False) -> RunFolder:
+    """Decide where a run writes (see the module docstring); raise :class:`T2VUError` when it may not.
+    ``dry``: only decide (``t2vu run --dry-run``); nothing on disk changes."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise T2VUError(f"output.dir {out} is a file; choose a folder for the run's outputs")
@@ -84,7 +85,7 @@ def plan(out: Path, *, overwrite: bool, resume: bool, spec_hint: str = "SPEC") -
                         "nothing to resume from; start it over with --set output.overwrite=true (set "
                         "training.checkpoint_every to make future runs resumable)")
     if overwrite:
-        if staging.exists():
+        if staging.exists() and not dry:
             shutil.rmtree(staging)  # an earlier overwriting run that never finished: replaced by this one
         if held:
             return RunFolder(out, staging)

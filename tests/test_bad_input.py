@@ -366,6 +366,13 @@ def _(tmp, mp):
     return ["run", toy_spec(tmp)]
 
 
+@case("dry-run-finished-run", 1, "already holds a finished run", "output.overwrite")
+def _(tmp, mp):
+    (tmp / "out").mkdir()
+    (tmp / "out/eraser.safetensors").write_bytes(eraser_bytes())
+    return ["run", toy_spec(tmp), "--dry-run"]
+
+
 @case("output-unfinished-run", 1, "unfinished run", "step 2", "--resume", "output.overwrite")
 def _(tmp, mp):
     from t2vu.core import checkpoint
