@@ -57,8 +57,8 @@ class Clip:
 
 @dataclass(frozen=True)
 class SiteName:
-    """An eraser site as the model's configs describe it: its name (``transformer_blocks.3.attn1``,
-    ``….text``), its attention module's name (what ``eraser.sites`` patterns match) and its stream."""
+    """An eraser site as the model's configs describe it: its name (the backbone's string name, with a
+    ``.text`` suffix for a text site), its attention module's name (what ``eraser.sites`` patterns match) and its stream."""
 
     name: str
     attention: str
@@ -105,8 +105,9 @@ def read_json(path: Path, setting: str, facts: ModelFacts) -> Optional[dict]:
 def read_diffusers_folder(path: Path, facts: ModelFacts, required: Sequence[str], family: str,
                           hint: str) -> Optional[tuple[dict, dict, dict]]:
     """``(model_index, transformer config, scheduler config)`` of a diffusers pipeline folder, or ``None`` with a
-    problem recorded for ``backbone.model_path``: missing, a file, ``required`` files absent (``family``, e.g.
-    "CogVideoX", and ``hint``, how to get the model, word the message), or a config that does not parse."""
+    problem recorded for ``backbone.model_path``: missing, a file, ``required`` files absent (``family``,
+    the model family's name, and ``hint``, how to get the model, word the message), or a config that does not
+    parse."""
     setting = "backbone.model_path"
     if not path.exists():
         facts.problem(setting, f"{path} does not exist. Download the model first, e.g. {hint}")

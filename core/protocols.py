@@ -67,9 +67,9 @@ class Backbone(Protocol):
     """The methods and attributes the engine uses. ``Options`` classes may add ``ClassVar`` s:
 
     - ``defaults: VideoDefaults`` (see above);
-    - ``site_presets: dict[str, list[str]]``: names for groups of eraser sites, e.g. HunyuanVideo's
-      ``{"single": ["single_transformer_blocks.*.attn"], "double": [...], "all": [...]}``; ``eraser.sites``
-      may name a preset or give patterns;
+    - ``site_presets: dict[str, list[str]]``: names for groups of eraser sites, each a list of fnmatch
+      patterns over attention-module names (each backbone documents its own); ``eraser.sites`` may name a
+      preset or give patterns;
     - ``default_sites: str``: the preset used when ``eraser.sites`` is unset.
 
     and may override the method ``preflight(clips, decode=False) -> ModelFacts`` (see
@@ -106,7 +106,7 @@ class Backbone(Protocol):
 
     def sites(self) -> list:
         """``transformer_sites(self.transformer)``: every place an eraser can attach
-        (:class:`t2vu.plugins.adapter_model.Site`, string names such as ``transformer_blocks.3.attn1``).
+        (:class:`t2vu.plugins.adapter_model.Site`, named by the module path the backbone gives them).
 
         A video site's module returns its video tokens ``[B, N_video, dim]`` (alone, or as ``output[0]``), in the
         frame-major order :meth:`capture_attention` flattens (the localization term multiplies the two); a text

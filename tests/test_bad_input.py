@@ -166,7 +166,8 @@ def unwritable_folder(tmp: Path) -> Path:
         return Path("/sys")
     os.close(fd)
     os.unlink(name)
-    pytest.skip("no folder here refuses writes to this user")
+    pytest.skip("running as root where even /sys accepts writes: no folder on this machine refuses a write, "
+                "so an unwritable output.dir cannot be made")
 
 
 def fake_engine(mp, exc: BaseException) -> None:
