@@ -25,3 +25,9 @@ def read_json(path: Path, where: str) -> dict:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise T2VUError(f"backbone.model_path: cannot read {where} ({exc})") from None
+
+
+def load_frozen_transformer(cls, path: Path, dtype, device):
+    """``cls.from_pretrained(path/transformer)`` in ``dtype`` on ``device``, frozen (no gradients, eval mode)."""
+    transformer = cls.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
+    return transformer.requires_grad_(False).eval().to(device)

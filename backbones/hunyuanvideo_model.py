@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from t2vu.backbones._folders import component_class
+from t2vu.backbones._folders import component_class, load_frozen_transformer
 from t2vu.backbones._folders import read_json as _read_json
 from t2vu.core.errors import T2VUError
 from t2vu.core.protocols import Guided
@@ -294,9 +294,7 @@ class HunyuanVideoBackbone:
         from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3DModel
 
         self.device = torch.device(device or getattr(self.options, "device", None) or "cpu")
-        self.transformer = HunyuanVideoTransformer3DModel.from_pretrained(
-            self.path, subfolder="transformer", torch_dtype=self.dtype)
-        self.transformer.requires_grad_(False).eval().to(self.device)
+        self.transformer = load_frozen_transformer(HunyuanVideoTransformer3DModel, self.path, self.dtype, self.device)
         self.config = dict(self.transformer.config)
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(self.path, subfolder="scheduler")
 
@@ -307,14 +305,10 @@ class HunyuanVideoBackbone:
         return transformer_sites(self.transformer)
 
     # -- text --------------------------------------------------------------------
-    def _component_class(self, key: str, default: str):
-        """The class ``model_index.json`` names for a transformers component (what the pipeline loads)."""
-        return component_class(self.index, key, default)
-
     def tokenizer(self):
         """The Llama tokenizer (light; kept for :meth:`concept_token_mask`)."""
         if self._tokenizer is None:
-            self._tokenizer = self._component_class("tokenizer", "LlamaTokenizerFast").from_pretrained(
+            self._tokenizer = component_class(self.index, "tokenizer", "LlamaTokenizerFast").from_pretrained(
                 self.path / "tokenizer")
             if self._tokenizer.padding_side != "right":
                 warnings.warn(f"{self.path}/tokenizer pads on the {self._tokenizer.padding_side}; HunyuanVideo's "
@@ -376,9 +370,9 @@ class HunyuanVideoBackbone:
         out: dict[str, HunyuanCondition] = {}
         if not unique:
             return out
-        llama_cls = self._component_class("text_encoder", "LlamaModel")
-        clip_cls = self._component_class("text_encoder_2", "CLIPTextModel")
-        clip_tok = self._component_class("tokenizer_2", "CLIPTokenizer").from_pretrained(self.path / "tokenizer_2")
+        llama_cls = component_class(self.index, "text_encoder", "LlamaModel")
+        clip_cls = component_class(self.index, "text_encoder_2", "CLIPTextModel")
+        clip_tok = component_class(self.index, "tokenizer_2", "CLIPTokenizer").from_pretrained(self.path / "tokenizer_2")
         llama = llama_cls.from_pretrained(self.path / "text_encoder", dtype=self.dtype)
         llama.requires_grad_(False).eval().to(self.device)
         clip = clip_cls.from_pretrained(self.path / "text_encoder_2", dtype=self.dtype)

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from t2vu.backbones._folders import component_class
+from t2vu.backbones._folders import component_class, load_frozen_transformer
 from t2vu.backbones._folders import read_json as _read_json
 from t2vu.backbones.wan import DOWNLOAD_HINT, REQUIRED, folder_problem
 from t2vu.core.errors import T2VUError
@@ -203,9 +203,7 @@ class WanBackbone:
         from diffusers import WanTransformer3DModel
 
         self.device = torch.device(device or getattr(self.options, "device", None) or "cpu")
-        self.transformer = WanTransformer3DModel.from_pretrained(self.path, subfolder="transformer",
-                                                                 torch_dtype=self.dtype)
-        self.transformer.requires_grad_(False).eval().to(self.device)
+        self.transformer = load_frozen_transformer(WanTransformer3DModel, self.path, self.dtype, self.device)
         self.config = dict(self.transformer.config)
         cls = getattr(diffusers, self.scheduler_config.get("_class_name", "UniPCMultistepScheduler"))
         self.scheduler = cls.from_pretrained(self.path, subfolder="scheduler")
@@ -217,10 +215,6 @@ class WanBackbone:
         return transformer_sites(self.transformer)
 
     # -- text --------------------------------------------------------------------
-    def _component_class(self, key: str, default: str):
-        """The class ``model_index.json`` names for a transformers component (what the pipeline loads)."""
-        return component_class(self.index, key, default)
-
     def tokenizer(self):
         """The UMT5 tokenizer (light; kept for :meth:`concept_token_mask`)."""
         if self._tokenizer is None:
@@ -263,7 +257,7 @@ class WanBackbone:
         out: dict[str, WanCondition] = {}
         if not todo:
             return out
-        encoder = self._component_class("text_encoder", "UMT5EncoderModel").from_pretrained(
+        encoder = component_class(self.index, "text_encoder", "UMT5EncoderModel").from_pretrained(
             self.path / "text_encoder", dtype=self.dtype)
         encoder.requires_grad_(False).eval().to(self.device)
         L = self.text_length
