@@ -7,12 +7,12 @@ Registration and options only; the implementation (torch, diffusers) lives in
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Optional, Sequence
+from typing import TYPE_CHECKING, ClassVar, Literal, Optional, Sequence
 
 from pydantic import Field
 
 from t2vu.core.hookspecs import hookimpl
-from t2vu.core.protocols import VideoDefaults
+from t2vu.core.protocols import EvalProtocol, VideoDefaults
 from t2vu.core.spec import BackboneOptions
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -75,9 +75,24 @@ class CogVideoXOptions(BackboneOptions):
     site_presets: ClassVar[dict[str, list[str]]] = {"all": ["transformer_blocks.*.attn1"]}
     default_sites: ClassVar[Optional[str]] = "all"
     example_path: ClassVar[str] = "./CogVideoX-5b"
+    #: ``eval.protocol`` presets: T2VUnlearning's evaluation samples CogVideoX as the CogVideoX demo does
+    protocols: ClassVar[dict[str, EvalProtocol]] = {
+        "t2vunlearning": EvalProtocol(
+            "T2VUnlearning's evaluation: 49 frames at 480x720, 50 steps, guidance 6, the DPM solver with dynamic CFG",
+            steps=50, guidance=6.0, num_frames=49, height=480, width=720,
+            backbone={"scheduler": "dpm", "dynamic_cfg": True}),
+    }
 
     max_text_length: Optional[int] = Field(
         None, gt=0, description="Tokens per prompt; default: the transformer's max_text_seq_length.")
+    scheduler: Literal["folder", "ddim", "dpm"] = Field(
+        "folder", description="The sampler of generate, eval and trajectory states, built from the folder's "
+        "scheduler config: 'folder' (the folder's scheduler class, as CogVideoXPipeline samples), 'ddim' "
+        "(CogVideoXDDIMScheduler, deterministic) or 'dpm' (CogVideoXDPMScheduler, the stochastic solver the "
+        "CogVideoX demo uses; its step noise comes from each video's seed).")
+    dynamic_cfg: bool = Field(
+        False, description="Vary the guidance scale over the steps as CogVideoXPipeline(use_dynamic_cfg=True) "
+        "does (the CogVideoX demo's setting with the DPM solver).")
 
     def preflight(self, clips: Sequence[Clip], decode: bool = False) -> ModelFacts:
         """The folder (configs, weights headers, ``vae/`` when ``decode``), and each clip: ``4k+1`` frames

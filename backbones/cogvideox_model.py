@@ -120,18 +120,40 @@ class _CaptureProcessor:
         return torch.cat(pieces, dim=1)  # [b, n_video]
 
 
-class _DDIMSampler:
-    """One DDIM (eta 0) trajectory through the folder's scheduler config, with the scheduler's own ``step``."""
+class _Sampler:
+    """One trajectory of ``CogVideoXPipeline``'s loop with its scheduler: DDIM (eta 0) or the DPM solver, made from
+    the folder's scheduler config, stepped through the scheduler's own ``step``.
 
-    def __init__(self, config, num_steps: int, device):
-        from diffusers import CogVideoXDDIMScheduler
+    ``CogVideoXDPMScheduler`` (SDE DPM-Solver++) is stochastic: each step draws noise from ``generator`` and takes
+    the previous step's clean-sample estimate and timestep, as the pipeline passes them. With ``dynamic_cfg`` the
+    guidance scale follows the pipeline's ``use_dynamic_cfg`` formula, evaluated on the timestep value as the
+    pipeline does (``1 + s * (1 - cos(pi * ((n - t) / n) ** 5)) / 2`` with ``t`` the timestep, not the step index).
+    """
 
-        self.scheduler = CogVideoXDDIMScheduler.from_config(config)
+    def __init__(self, scheduler_class, config, num_steps: int, device, generator=None, dynamic_cfg: bool = False):
+        self.scheduler = scheduler_class.from_config(config)
         self.scheduler.set_timesteps(num_steps, device=device)
         self.timesteps = self.scheduler.timesteps
+        self.num_steps, self.generator, self.dynamic_cfg = num_steps, generator, dynamic_cfg
+        from diffusers import CogVideoXDPMScheduler
+
+        self.dpm = isinstance(self.scheduler, CogVideoXDPMScheduler)
+        self._previous_t = None  # DPM: the timestep and clean-sample estimate of the step before
+        self._previous_x0 = None
+
+    def guidance_scale(self, scale: float, t) -> float:
+        if not self.dynamic_cfg:
+            return scale
+        n = self.num_steps
+        return 1 + scale * ((1 - math.cos(math.pi * ((n - float(t)) / n) ** 5.0)) / 2)
 
     def step(self, prediction: torch.Tensor, t, x: torch.Tensor) -> torch.Tensor:
-        return self.scheduler.step(prediction, int(t), x, return_dict=False)[0]
+        if not self.dpm:
+            return self.scheduler.step(prediction, int(t), x, return_dict=False)[0]
+        x, self._previous_x0 = self.scheduler.step(prediction, self._previous_x0, t, self._previous_t, x,
+                                                   generator=self.generator, return_dict=False)
+        self._previous_t = t
+        return x
 
 
 class CogVideoXBackbone:
@@ -286,9 +308,16 @@ class CogVideoXBackbone:
         """The scheduler's own forward process (``sqrt(abar) x0 + sqrt(1 - abar) noise``)."""
         return self.scheduler.add_noise(x0, noise, t)
 
-    def sampler(self, num_steps: int) -> _DDIMSampler:
-        """DDIM (eta 0) with the folder's scheduler config (``timestep_spacing``, zero-terminal-SNR betas)."""
-        return _DDIMSampler(self.scheduler.config, num_steps, self.device)
+    def sampler(self, num_steps: int, generator=None) -> _Sampler:
+        """The pipeline's loop with ``options.scheduler`` (``folder``: the folder's scheduler class; ``ddim``;
+        ``dpm``) made from the folder's scheduler config (``timestep_spacing``, zero-terminal-SNR betas), and
+        ``options.dynamic_cfg``."""
+        import diffusers
+
+        name = {"ddim": "CogVideoXDDIMScheduler", "dpm": "CogVideoXDPMScheduler"}.get(
+            self.options.scheduler, type(self.scheduler).__name__)
+        return _Sampler(getattr(diffusers, name), self.scheduler.config, num_steps, self.device, generator,
+                        self.options.dynamic_cfg)
 
     # -- the forward ----------------------------------------------------------------------
     def _rotary(self, latent_shape):

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, ClassVar, Optional, Sequence
 from pydantic import Field, field_validator
 
 from t2vu.core.hookspecs import hookimpl
-from t2vu.core.protocols import VideoDefaults
+from t2vu.core.protocols import EvalProtocol, VideoDefaults
 from t2vu.core.spec import BackboneOptions
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -89,6 +89,11 @@ class HunyuanVideoOptions(BackboneOptions):
     #: where the upstream T2VUnlearning release puts HunyuanVideo's erasers
     default_sites: ClassVar[Optional[str]] = "single"
     example_path: ClassVar[str] = "./HunyuanVideo"
+    #: ``eval.protocol`` presets (the clip stays the spec's: the paper gives only the sampler settings)
+    protocols: ClassVar[dict[str, EvalProtocol]] = {
+        "t2vunlearning": EvalProtocol("T2VUnlearning's evaluation: 30 steps, embedded guidance 6", steps=30,
+                                      guidance=6.0),
+    }
 
     guidance: float = Field(
         6.0, gt=0, description="Embedded guidance scale of every training forward of a guidance-distilled model "

@@ -168,6 +168,9 @@ class _FlowSampler:
     def step(self, prediction: torch.Tensor, t, x: torch.Tensor) -> torch.Tensor:
         return self.scheduler.step(prediction, t, x, return_dict=False)[0]
 
+    def guidance_scale(self, scale: float, t) -> float:
+        return scale  # the pipeline guides at one scale throughout
+
 
 class _CaptureProcessor:
     """Wraps a HunyuanVideo attention processor; also records video->concept attention.
@@ -482,7 +485,7 @@ class HunyuanVideoBackbone:
         sigma = sigma.reshape(-1, *([1] * (x0.dim() - 1)))
         return sigma * noise + (1.0 - sigma) * x0
 
-    def sampler(self, num_steps: int) -> _FlowSampler:
+    def sampler(self, num_steps: int, generator=None) -> _FlowSampler:
         """The pipeline's flow-matching Euler trajectory (sigmas ``linspace(1, 0, n + 1)[:-1]``, shifted)."""
         return _FlowSampler(self.scheduler, num_steps, self.device)
 

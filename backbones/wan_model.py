@@ -113,6 +113,9 @@ class _Sampler:
     def step(self, prediction: torch.Tensor, t, x: torch.Tensor) -> torch.Tensor:
         return self.scheduler.step(prediction, t, x, return_dict=False)[0]
 
+    def guidance_scale(self, scale: float, t) -> float:
+        return scale  # the pipeline guides at one scale throughout
+
 
 class _CaptureProcessor:
     """Wraps a Wan cross-attention processor; also records video->concept attention.
@@ -364,7 +367,7 @@ class WanBackbone:
         sigma = sigma.reshape(-1, *([1] * (x0.dim() - 1)))
         return sigma * noise + (1.0 - sigma) * x0
 
-    def sampler(self, num_steps: int) -> _Sampler:
+    def sampler(self, num_steps: int, generator=None) -> _Sampler:
         """The pipeline's trajectory: the folder's scheduler, ``set_timesteps(num_steps)``."""
         return _Sampler(self.scheduler, num_steps, self.device)
 

@@ -123,14 +123,29 @@ def default_eraser(resolved: ResolvedSpec, eraser: Optional[Path]) -> Path:
     return path
 
 
-def load_for_generation(resolved: ResolvedSpec, eraser_path: Path, prompts: list[str]):
-    """The backbone (loaded), the eraser attached to it, and the prompts' embeddings."""
+def generation_options(resolved: ResolvedSpec, protocol: Optional[str] = None):
+    """The backbone options generation uses: the spec's, with ``protocol``'s backbone settings (its sampler's)."""
+    from t2vu.core.spec import eval_protocol
+
+    options = resolved.backbone.options
+    if protocol is None:
+        return options
+    preset = eval_protocol(resolved.backbone, protocol)
+    if preset is None:
+        raise T2VUError(f"eval.protocol: backbone {resolved.backbone.name!r} has no protocol {protocol!r}")
+    return type(options).model_validate({**options.model_dump(), **dict(preset.backbone)})
+
+
+def load_for_generation(resolved: ResolvedSpec, eraser_path: Path, prompts: list[str], options=None):
+    """The backbone (loaded, with ``options``: default the spec's), the eraser attached to it, and the prompts'
+    embeddings."""
     import torch
 
     from t2vu.core.eraser_load import load_eraser
 
-    backbone = resolved.backbone.build()
-    device = resolved.backbone.options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    options = options if options is not None else resolved.backbone.options
+    backbone = resolved.backbone.component.build(options)
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
     backbone.load(device)
     embeddings = backbone.encode_prompts([""] + list(prompts))
     handle = load_eraser(backbone.transformer, eraser_path)
@@ -172,7 +187,8 @@ def evaluate(resolved: ResolvedSpec, eraser: Optional[Path] = None, console=None
 
     from t2vu.core.sampling import generate
 
-    backbone, handle, embeddings = load_for_generation(resolved, eraser_path, [r.prompt for r in rows])
+    options = generation_options(resolved, ev.protocol)
+    backbone, handle, embeddings = load_for_generation(resolved, eraser_path, [r.prompt for r in rows], options)
     kwargs = dict(num_frames=frames, height=height, width=width, steps=ev.steps, guidance=ev.guidance,
                   batch_size=ev.batch_size)
     prompts, seeds = [r.prompt for r in rows], [r.seed for r in rows]
@@ -195,7 +211,8 @@ def evaluate(resolved: ResolvedSpec, eraser: Optional[Path] = None, console=None
     positive = {j.attribute: j.positive for j in judges if getattr(j, "positive", None)}
     summary = (prompt_set.summarize(results) if hasattr(prompt_set, "summarize")
                else generic_summary(results, positive))
-    settings = {"backbone": resolved.backbone.name, "num_frames": frames, "height": height, "width": width,
+    settings = {"backbone": resolved.backbone.name, "protocol": ev.protocol,
+                "backbone_options": options.model_dump(mode="json"), "num_frames": frames, "height": height, "width": width,
                 "steps": ev.steps, "guidance": ev.guidance, "seeds": ev.seeds, "batch_size": ev.batch_size,
                 "judges": [j.to_dict() for j in resolved.judges],
                 "prompts": ev.prompts if not isinstance(ev.prompts, dict) else resolved.eval_prompts.to_dict()}

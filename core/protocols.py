@@ -37,6 +37,25 @@ class VideoDefaults:
     upscale: int = 1  # nearest-neighbour upscaling of written videos (tiny pixel-space models)
 
 
+@dataclass(frozen=True)
+class EvalProtocol:
+    """A named set of sampler settings for ``t2vu eval`` (``eval.protocol``), such as a paper's evaluation.
+
+    Set as ``protocols: ClassVar[dict[str, EvalProtocol]]`` on the backbone's ``Options`` class. Each field the
+    eval block leaves out takes the protocol's value; ``backbone`` holds options of this backbone (its sampler's,
+    e.g. ``{"scheduler": "dpm", "dynamic_cfg": True}``) that eval's generation uses instead of the spec's
+    (training is unaffected). ``None`` fields leave the usual default.
+    """
+
+    description: str
+    steps: Optional[int] = None
+    guidance: Optional[float] = None
+    num_frames: Optional[int] = None
+    height: Optional[int] = None
+    width: Optional[int] = None
+    backbone: Mapping[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class Guided:
     """What :meth:`Backbone.guided` returns.
@@ -60,6 +79,10 @@ class Sampler(Protocol):
 
     def step(self, prediction: Any, t: Any, x: Any) -> Any:
         """``x`` at the next timestep (the clean sample after the last) from the guided ``prediction`` at ``t``."""
+
+    def guidance_scale(self, scale: float, t: Any) -> float:
+        """The guidance scale :meth:`Backbone.guided` gets at ``t``: ``scale`` itself for a constant schedule;
+        a schedule over the steps where the pipeline has one (CogVideoX's dynamic CFG)."""
 
 
 @runtime_checkable
@@ -139,8 +162,11 @@ class Backbone(Protocol):
     def add_noise(self, x0: Any, noise: Any, t: Any) -> Any:
         """The forward process: ``x_t`` ``[B, *latent]`` from clean latents and noise at timesteps ``t`` ``[B]``."""
 
-    def sampler(self, num_steps: int) -> Sampler:
-        """A fresh inference scheduler for one trajectory of ``num_steps`` steps (the pipeline's own)."""
+    def sampler(self, num_steps: int, generator: Any = None) -> Sampler:
+        """A fresh inference scheduler for one trajectory of ``num_steps`` steps (the pipeline's own).
+        ``generator``: a ``torch.Generator``, or a list with one per batch row, that drew the trajectory's initial
+        noise; a stochastic scheduler (CogVideoX's DPM solver) draws its step noise from it, as the stock
+        pipeline does from the generator it is given, so a seed reproduces the pipeline's video."""
 
     # -- the forward ---------------------------------------------------------------------------------------
     def predict(self, x_t: Any, t: Any, cond: Any) -> Any:

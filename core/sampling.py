@@ -13,28 +13,32 @@ from typing import Callable, Optional, Sequence
 import torch
 
 
-def initial_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
-    """Seeded noise on the CPU (the same on every device)."""
-    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(seed)))
+def initial_noise(shape: Sequence[int], seed: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Seeded noise on the CPU (the same on every device); drawn from ``generator`` when given (it then goes on
+    to feed a stochastic sampler, as a diffusers pipeline's ``generator`` does)."""
+    gen = generator if generator is not None else torch.Generator().manual_seed(int(seed))
+    return torch.randn(tuple(shape), generator=gen)
 
 
 @torch.no_grad()
 def run_sampler(backbone, noise: torch.Tensor, cond, uncond, *, steps: int, guidance: float,
-                depth: Optional[int] = None, visit: Optional[Callable] = None) -> torch.Tensor:
+                depth: Optional[int] = None, visit: Optional[Callable] = None, generator=None) -> torch.Tensor:
     """The one trajectory generator (``generate``, ``eval`` and training states all sample through it).
 
     From ``noise`` ``[B, *latent]``, step the backbone's own sampler (:meth:`Backbone.sampler`) with its guided
     prediction (:meth:`Backbone.guided`: two-pass CFG or embedded guidance, the backbone decides) under the
-    batched conditions ``cond`` / ``uncond``. ``visit(t, x, guided)`` sees every state before its step;
-    ``depth`` stops after that many steps. Returns the latents where it stopped (clean ones after the last step).
+    batched conditions ``cond`` / ``uncond``, at the sampler's guidance scale for each step
+    (:meth:`Sampler.guidance_scale`). ``visit(t, x, guided)`` sees every state before its step; ``depth`` stops
+    after that many steps; ``generator`` (one, or one per row) is what drew ``noise`` and feeds a stochastic
+    sampler's step noise. Returns the latents where it stopped (clean ones after the last step).
     """
     x = noise.to(backbone.device)
-    sampler = backbone.sampler(steps)
+    sampler = backbone.sampler(steps, generator=generator)
     b = x.size(0)
     for i, t in enumerate(sampler.timesteps):
         if depth is not None and i >= depth:
             break
-        out = backbone.guided(x, t.repeat(b), cond, uncond, guidance)
+        out = backbone.guided(x, t.repeat(b), cond, uncond, sampler.guidance_scale(guidance, t))
         if visit is not None:
             visit(t, x, out)
         x = sampler.step(out.prediction, t, x)
@@ -47,6 +51,9 @@ def generate(backbone, embeddings: dict, prompts: Sequence[str], seeds: Sequence
              ) -> torch.Tensor:
     """Videos ``[B, F, 3, H, W]`` in [0, 1]; with ``disabled_erasers`` those erasers are switched off.
 
+    Each video's noise (and a stochastic sampler's step noise) comes from ``torch.Generator().manual_seed(seed)``
+    on the CPU, so a diffusers pipeline given that generator and the same settings makes the same video.
+
     ``embeddings`` maps each prompt (and ``""``) to its condition (:meth:`Backbone.encode_prompts`).
     """
     shape = backbone.latent_shape(num_frames, height, width)
@@ -55,10 +62,12 @@ def generate(backbone, embeddings: dict, prompts: Sequence[str], seeds: Sequence
     with off:
         for i in range(0, len(prompts), batch_size):
             chunk, chunk_seeds = list(prompts[i:i + batch_size]), list(seeds[i:i + batch_size])
-            noise = torch.stack([initial_noise(shape, s) for s in chunk_seeds])
+            generators = [torch.Generator().manual_seed(int(s)) for s in chunk_seeds]
+            noise = torch.stack([initial_noise(shape, s, g) for s, g in zip(chunk_seeds, generators)])
             cond = backbone.collate([embeddings[p] for p in chunk])
             uncond = backbone.collate([embeddings[""]] * len(chunk))
-            latents = run_sampler(backbone, noise, cond, uncond, steps=steps, guidance=guidance)
+            latents = run_sampler(backbone, noise, cond, uncond, steps=steps, guidance=guidance,
+                                  generator=generators)
             videos.append(backbone.decode(latents).float().cpu())
     return torch.cat(videos)
 

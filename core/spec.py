@@ -20,7 +20,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo
 
 from t2vu.core.errors import T2VUError
-from t2vu.core.protocols import VideoDefaults
+from t2vu.core.protocols import EvalProtocol, VideoDefaults
 from t2vu.core.registry import Component, Options, Registry
 
 if typing.TYPE_CHECKING:  # pragma: no cover
@@ -51,10 +51,11 @@ class BackboneOptions(Options):
     ``defaults`` (a :class:`~t2vu.core.protocols.VideoDefaults`: frames, size, sampler steps and guidance
     for what the spec leaves out), ``site_presets`` (names for groups of eraser sites) and
     ``default_sites`` (the preset used when ``eraser.sites`` is unset), ``example_path`` (shown by
-    ``t2vu spec init``).
+    ``t2vu spec init``), ``protocols`` (named :class:`~t2vu.core.protocols.EvalProtocol` s for ``eval.protocol``).
     """
 
     defaults: ClassVar[VideoDefaults] = VideoDefaults()
+    protocols: ClassVar[dict[str, EvalProtocol]] = {}
     site_presets: ClassVar[dict[str, list[str]]] = {}
     default_sites: ClassVar[Optional[str]] = None
     example_path: ClassVar[str] = "./model"
@@ -173,13 +174,18 @@ class EvalSpec(_Strict):
     judges: list[Union[str, dict[str, Any]]] = Field(default_factory=list, description="Evaluator names or blocks.")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1,
                              description="Seeds for prompts that do not carry their own.")
-    steps: Optional[int] = Field(None, gt=0, description="Sampler steps (default: the backbone's).")
+    protocol: Optional[str] = Field(
+        None, min_length=1, description="A named evaluation protocol of the backbone (e.g. 't2vunlearning': the "
+        "sampler settings of the T2VUnlearning paper's evaluation, for numbers comparable with it). It fills "
+        "steps, guidance, num_frames, height and width where this block leaves them out, and sets the backbone's "
+        "sampler options for eval only. Listed per backbone in docs/evaluation.md.")
+    steps: Optional[int] = Field(None, gt=0, description="Sampler steps (default: the protocol's, else the backbone's).")
     guidance: Optional[float] = Field(None, ge=1, description="Guidance scale, as the backbone guides: two-pass "
-                                      "classifier-free or embedded (default: the backbone's).")
+                                      "classifier-free or embedded (default: the protocol's, else the backbone's).")
     batch_size: int = Field(8, gt=0)
-    num_frames: Optional[int] = Field(None, gt=0, description="Default: training.num_frames.")
-    height: Optional[int] = Field(None, gt=0, description="Default: training.height.")
-    width: Optional[int] = Field(None, gt=0, description="Default: training.width.")
+    num_frames: Optional[int] = Field(None, gt=0, description="Default: the protocol's, else training.num_frames.")
+    height: Optional[int] = Field(None, gt=0, description="Default: the protocol's, else training.height.")
+    width: Optional[int] = Field(None, gt=0, description="Default: the protocol's, else training.width.")
     thumbnails: int = Field(12, ge=0, description="Side-by-side GIFs in report.md.")
     prompt_column: str = Field("prompt", min_length=1, description="CSV prompt sets: the column holding the "
                                "prompt (for CSVs from other evaluations, which name it their own way).")
@@ -692,6 +698,12 @@ def _fill_backbone_defaults(spec: RunSpec, backbone: Optional[Resolved], doc: Sp
     defaults: VideoDefaults = getattr(type(backbone.options), "defaults", VideoDefaults())
     sections = {"training": spec.training, "eval": spec.eval}
     updates: dict[str, dict[str, Any]] = {"training": {}, "eval": {}}
+    if spec.eval is not None and spec.eval.protocol is not None:
+        protocol = eval_protocol(backbone, spec.eval.protocol, doc, problems)
+        for key in ("steps", "guidance", "num_frames", "height", "width"):
+            if protocol is not None and getattr(spec.eval, key) is None and getattr(protocol, key) is not None:
+                updates["eval"][key] = getattr(protocol, key)
+        sections["eval"] = spec.eval.model_copy(update=updates["eval"])
     for (section, key), default_key in _DEFAULTED.items():
         model = sections[section]
         if model is None or getattr(model, key) is not None:
@@ -707,6 +719,20 @@ def _fill_backbone_defaults(spec: RunSpec, backbone: Optional[Resolved], doc: Sp
     training = spec.training.model_copy(update=updates["training"])
     ev = spec.eval.model_copy(update=updates["eval"]) if spec.eval is not None else None
     return spec.model_copy(update={"training": training, "eval": ev})
+
+
+def eval_protocol(backbone: Resolved, name: str, doc: Optional[SpecDocument] = None,
+                  problems: Optional[list[Problem]] = None) -> Optional[EvalProtocol]:
+    """The backbone's ``eval.protocol`` preset ``name``; an unknown name is a problem (listing the known ones)."""
+    known: dict[str, EvalProtocol] = getattr(type(backbone.options), "protocols", {}) or {}
+    if name in known:
+        return known[name]
+    if problems is not None:
+        path = ("eval", "protocol")
+        have = ", ".join(sorted(known)) or "none"
+        problems.append(Problem(path, f"backbone {backbone.name!r} has no evaluation protocol {name!r} (it has: "
+                                f"{have})", doc.line(path) if doc else None, doc.origin(path) if doc else ""))
+    return None
 
 
 def load_spec(path: Union[str, Path], registry: Registry, overrides: Optional[list[str]] = None) -> ResolvedSpec:

@@ -62,6 +62,54 @@ def test_sampler_matches_the_stock_diffusers_pipeline(trained):
     assert torch.allclose(ours, ref, atol=1e-4)
 
 
+def test_dpm_sampler_with_dynamic_cfg_matches_the_stock_pipeline(trained):
+    """scheduler: dpm + dynamic_cfg (the T2VUnlearning protocol) gives CogVideoXPipeline's video for the same
+    generator: the stochastic DPM steps draw their noise from each video's seed as the pipeline does."""
+    from diffusers import CogVideoXDPMScheduler, CogVideoXPipeline
+
+    from t2vu.core.sampling import generate
+
+    root, folder, spec = trained
+    options = {"model_path": str(folder), "dtype": "float32", "scheduler": "dpm", "dynamic_cfg": True}
+    backbone = plugins.get_registry().get("backbone", "cogvideox").build(options)
+    backbone.load("cpu")
+    emb = backbone.encode_prompts(["", "a red car", "a dog"])
+    ours = generate(backbone, emb, ["a red car", "a dog"], [3, 4], num_frames=9, height=32, width=32, steps=5,
+                    guidance=6.0)
+    pipe = CogVideoXPipeline.from_pretrained(folder)
+    pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config)
+    ref = pipe(["a red car", "a dog"], num_frames=9, height=32, width=32, num_inference_steps=5, guidance_scale=6.0,
+               use_dynamic_cfg=True, output_type="pt", max_sequence_length=16,
+               generator=[torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]).frames
+    assert ours.shape == ref.shape == (2, 9, 3, 32, 32)
+    assert torch.allclose(ours, ref, atol=1e-4)
+    # the stock DDIM sampler from the same seeds is another video: the settings matter
+    plain = plugins.get_registry().get("backbone", "cogvideox").build({"model_path": str(folder), "dtype": "float32"})
+    plain.load("cpu")
+    ddim = generate(plain, emb, ["a red car", "a dog"], [3, 4], num_frames=9, height=32, width=32, steps=5,
+                    guidance=6.0)
+    assert (ddim - ours).abs().max() > 1e-2
+
+
+def test_eval_protocol_fills_the_published_settings(trained, tmp_path):
+    from t2vu.core.evaluate import generation_options
+    from t2vu.core.spec import SpecError, load_spec
+
+    root, folder, spec = trained
+    registry = plugins.get_registry()
+    resolved = load_spec(spec, registry, ["eval.protocol=t2vunlearning", "eval.steps=7"])
+    ev = resolved.spec.eval
+    # what the block sets wins (steps), the rest is the protocol's
+    assert (ev.steps, ev.guidance, ev.num_frames, ev.height, ev.width) == (7, 6.0, 49, 480, 720)
+    options = generation_options(resolved, ev.protocol)
+    assert (options.scheduler, options.dynamic_cfg) == ("dpm", True)
+    assert (resolved.backbone.options.scheduler, resolved.backbone.options.dynamic_cfg) == ("folder", False)
+    with pytest.raises(SpecError) as err:
+        load_spec(spec, registry, ["eval.protocol=paper"])
+    assert "eval.protocol" in str(err.value) and "no evaluation protocol 'paper'" in str(err.value)
+    assert "t2vunlearning" in str(err.value)
+
+
 def test_generate_compare_writes_videos(trained):
     root, folder, spec = trained
     r = runner.invoke(app, ["generate", str(spec), "--prompt", "a nude person", "--compare", "--seed", "5",

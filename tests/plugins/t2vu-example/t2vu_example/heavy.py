@@ -191,6 +191,9 @@ class _Sampler:
     def step(self, prediction, t, x):
         return self.scheduler.step(prediction, int(t), x, return_dict=False)[0]
 
+    def guidance_scale(self, scale: float, t) -> float:
+        return scale  # the pipeline guides at one scale throughout
+
 
 class Backbone:
     """The example text-to-video backbone (v-prediction, text first in a joint sequence, two-pass CFG)."""
@@ -285,7 +288,7 @@ class Backbone:
     def add_noise(self, x0, noise, t):
         return self.scheduler.add_noise(x0, noise, t.to(x0.device))
 
-    def sampler(self, num_steps: int) -> _Sampler:
+    def sampler(self, num_steps: int, generator=None) -> _Sampler:
         return _Sampler(self.scheduler.config, num_steps, self.device)
 
     # -- the forward ----------------------------------------------------------------------------------
