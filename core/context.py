@@ -80,8 +80,12 @@ class StepContext:
 
     def attention(self, cond: str, modules: Optional[Iterable[str]] = None) -> torch.Tensor:
         """Frozen video->concept attention ``[B, frames, tokens_per_frame]``, averaged over the attention
-        ``modules`` (names; default: the step's ``attention_modules``, those holding the video erasers)."""
-        key = self.expand(modules) if modules is not None else None
+        ``modules`` (names; default: the step's ``attention_modules``, those holding the video erasers, even when
+        another term had more modules captured; without ``attention_modules``, every module captured)."""
+        if modules is not None:
+            key = self.expand(modules)
+        else:
+            key = tuple(self.attention_modules) if self.attention_modules is not None else None
         cond = self._key(cond)
         if cond not in self._attention or (key and not set(key) <= set(self._attention[cond])):
             self.prefetch([Need("attention", cond, key)])

@@ -355,8 +355,27 @@ _RESUMABLE_CHANGES = ("output.", "training.log_every", "training.checkpoint_ever
                       "eval", "training.divergence_factor")
 
 
+def _as_resolved_now(saved: dict, resolved: ResolvedSpec) -> dict:
+    """The checkpoint's spec resolved by this t2vu: options added since it was written take their defaults, so
+    a run started by an earlier version resumes (its behaviour is what the defaults keep). As saved when it no
+    longer validates."""
+    import copy
+
+    from t2vu.core import plugins
+    from t2vu.core.spec import SpecDocument, SpecError, validate
+
+    try:
+        doc = SpecDocument(data=copy.deepcopy(saved), lines={}, source=resolved.source)
+        return validate(doc, plugins.get_registry()).to_dict()
+    except (SpecError, T2VUError, ValueError, TypeError):
+        return saved
+
+
 def _check_same_spec(saved: dict, resolved: ResolvedSpec, where: Path) -> None:
-    """Resume only the run the checkpoint belongs to: the same spec, up to output and logging settings."""
+    """Resume only the run the checkpoint belongs to: the same spec, up to output and logging settings (and
+    options this version added, at their defaults)."""
+    saved = _as_resolved_now(saved, resolved)
+
     def flat(value, prefix=""):
         if isinstance(value, dict):
             for k, v in value.items():

@@ -148,6 +148,12 @@ class TrainingSpec(_Strict):
         "noise", description="Where x_t comes from: noised random latents; the frozen model's guided sampler "
         "run from a target prompt (its predictions reused as teacher values); or the erased model's sampler.")
     refresh_every: int = Field(50, gt=0, description="Trajectory states: sample new trajectories every N steps.")
+    trajectory_states: Literal["visited", "uniform_step"] = Field(
+        "visited", description="Trajectory states: which states of a trajectory are trained on. 'visited': the "
+        "sampler stops at a random depth and any state it visited is drawn, so the first (noisiest) steps are "
+        "drawn most often (about half the states lie in the noisiest fifth of the steps). 'uniform_step': the "
+        "state at a sampler step drawn uniformly (as ESD and Receler train), so every step, the late low-noise "
+        "ones included, is trained on equally often.")
     sample_steps: Optional[int] = Field(None, gt=1, description="Trajectory states: sampler steps per trajectory "
                                         "(default: the backbone's inference steps).")
     guidance_scale: Optional[float] = Field(None, ge=1, description="Trajectory states: guidance scale, as the "

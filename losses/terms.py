@@ -72,7 +72,12 @@ def concept_mask(attention: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 class LocalizationLoss:
-    """``mean_l ||o_l * (1 - M)||^2``: eraser outputs outside the concept's region are penalised."""
+    """``mean_l ||o_l * (1 - M)||^2``: eraser outputs outside the concept's region are penalised.
+
+    Per site ``l`` with output ``o_l`` ``[B, N, D]``: ``normalize: all_tokens`` divides the sum of squares outside
+    the mask by ``B N D`` (all tokens), ``outside_tokens`` by ``D`` times the number of outside tokens in the
+    batch (0 when there is none); the sites' values are then averaged.
+    """
 
     def __init__(self, options):
         self.options = options
@@ -91,5 +96,13 @@ class LocalizationLoss:
         if not outputs:  # no video eraser acted this step (training.stream_start holds them off): nothing to keep in
             return ctx.x_t.new_zeros(())
         outside = 1.0 - self.mask(ctx)
-        terms = [(o.float() * outside.to(o.device)[..., None]).pow(2).mean() for o in outputs.values()]
+        terms = [self.site_term(o.float(), outside.to(o.device, torch.float32)) for o in outputs.values()]
         return torch.stack(terms).mean()
+
+    def site_term(self, output: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
+        """One site's term from its output ``[B, N, D]`` and the binary outside mask ``[B, N]``."""
+        squares = (output * outside[..., None]).pow(2)
+        if self.options.normalize == "all_tokens":
+            return squares.mean()
+        count = outside.sum() * output.size(-1)
+        return squares.sum() / count.clamp_min(1.0)  # no outside token: the sum is 0 as well
