@@ -125,7 +125,8 @@ def probe_job(job, tiny, workdir):
     rows = [(world.caption(*c), c, "trained" if world.caption(*c) in trained else "heldout") for c in mine]
     rows += [(world.caption(*c), c, "other") for c in others]
     prompts = [p for p, _, _ in rows]
-    backbone, handle, embeds = load_for_generation(resolved, resolved.spec.output.dir / "eraser.safetensors", prompts)
+    backbone, (handle,), embeds = load_for_generation(resolved, [(resolved.spec.output.dir / "eraser.safetensors", 1.0)],
+                                                      prompts)
     count = {"trained": [0, 0], "heldout": [0, 0], "other_correct": [0, 0], "motion_correct": [0, 0]}
     still, fit = [], []
     for seed in job.get("eval_seeds", [0, 1]):

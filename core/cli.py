@@ -134,7 +134,7 @@ def guard_commands(cli: typer.Typer) -> None:
             guard_commands(group.typer_instance)
 
 
-def preflight(resolved, command: str, eraser: Optional[Path] = None, eraser_setting: str = "--eraser") -> None:
+def preflight(resolved, command: str, eraser: Any = None, eraser_setting: str = "--eraser") -> None:
     """The pre-load checks (:mod:`t2vu.core.preflight`); on problems print them all and exit 2."""
     from t2vu.core.preflight import check
 

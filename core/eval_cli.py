@@ -11,19 +11,32 @@ import typer
 SET_HELP = "Override a spec field, e.g. --set eval.steps=10 (value parsed as YAML)."
 
 
-def _eraser_arg(resolved, eraser: Optional[Path]) -> tuple[Path, str]:
-    """The eraser file a command uses and the setting that names it (``--eraser`` or ``output.dir``);
-    :class:`T2VUError` (exit 1) when there is none."""
-    from t2vu.core.evaluate import default_eraser
+ERASER_HELP = ("Eraser file; repeat to attach several at once, e.g. a nudity and a celebrity eraser "
+               "(default: <output.dir>/eraser.safetensors).")
+SCALE_HELP = ("Eraser strength: one value for all erasers, or one per --eraser in order (default 1; 0 switches an "
+              "eraser off, below 1 weakens it, above 1 strengthens it).")
 
-    return default_eraser(resolved, eraser), "--eraser" if eraser is not None else "output.dir"
+
+def _erasers(resolved, erasers: Optional[List[Path]], scales: Optional[List[float]]):
+    """The ``(file, scale)`` pairs a command attaches and the setting that names them (``--eraser`` or
+    ``output.dir``); exit 1 for a missing file or a --scale count that does not match."""
+    from t2vu.core.cli import fail
+    from t2vu.core.errors import T2VUError
+    from t2vu.core.evaluate import chosen_erasers
+
+    try:
+        chosen = chosen_erasers(resolved, erasers, scales)
+    except T2VUError as exc:
+        fail(str(exc))
+    return chosen, "--eraser" if erasers else "output.dir"
 
 
 def generate_command(
     spec: Path = typer.Argument(..., help="The run spec (YAML) whose backbone generates."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="The text prompt."),
-    eraser: Optional[Path] = typer.Option(None, "--eraser", help="Eraser file (default: <output.dir>/eraser.safetensors)."),
-    compare: bool = typer.Option(False, "--compare", help="Also generate without the eraser, same seed, and a side-by-side GIF."),
+    eraser: Optional[List[Path]] = typer.Option(None, "--eraser", help=ERASER_HELP),
+    scale: Optional[List[float]] = typer.Option(None, "--scale", help=SCALE_HELP),
+    compare: bool = typer.Option(False, "--compare", help="Also generate without the erasers, same seed, and a side-by-side GIF."),
     seed: int = typer.Option(0, "--seed", help="Noise seed."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Sampler steps (default: the backbone's)."),
     guidance: Optional[float] = typer.Option(
@@ -31,12 +44,13 @@ def generate_command(
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for the videos (default: <output.dir>/samples)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
-    """Generate a video with the eraser (and, with --compare, without it from the same seed)."""
+    """Generate a video with the erasers (and, with --compare, without them from the same seed)."""
     from t2vu.core.cli import console, fail, load_resolved, preflight
     from t2vu.core.errors import T2VUError
 
     resolved = load_resolved(spec, set_)
-    preflight(resolved, "generate", *_eraser_arg(resolved, eraser))
+    erasers, setting = _erasers(resolved, eraser, scale)
+    preflight(resolved, "generate", [p for p, _ in erasers], setting)
     if out is not None:
         from t2vu.core.preflight import writable_problem
 
@@ -44,11 +58,10 @@ def generate_command(
         if problem is not None:
             fail(f"--out: {problem}", 2)
     try:
-        from t2vu.core.evaluate import default_eraser, load_for_generation
+        from t2vu.core.evaluate import load_for_generation
         from t2vu.core.sampling import generate, side_by_side, write_video
 
-        eraser_path = default_eraser(resolved, eraser)
-        backbone, handle, embeddings = load_for_generation(resolved, eraser_path, [prompt])
+        backbone, handles, embeddings = load_for_generation(resolved, erasers, [prompt])
         tr, defaults = resolved.spec.training, resolved.video_defaults
         steps = steps or defaults.steps
         guidance = guidance if guidance is not None else defaults.guidance
@@ -57,9 +70,10 @@ def generate_command(
                             "pass --steps and --guidance")
         kwargs = dict(num_frames=tr.num_frames, height=tr.height, width=tr.width, steps=steps, guidance=guidance)
         erased = generate(backbone, embeddings, [prompt], [seed], **kwargs)[0]
-        original = generate(backbone, embeddings, [prompt], [seed], disabled_erasers=handle.erasers,
+        original = generate(backbone, embeddings, [prompt], [seed], disabled_erasers=handles,
                             **kwargs)[0] if compare else None
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     except T2VUError as exc:
         fail(str(exc))
         return
@@ -80,7 +94,8 @@ def generate_command(
 
 def eval_command(
     spec: Optional[Path] = typer.Argument(None, help="The run spec (YAML) with an 'eval:' section."),
-    eraser: Optional[Path] = typer.Option(None, "--eraser", help="Eraser file (default: <output.dir>/eraser.safetensors)."),
+    eraser: Optional[List[Path]] = typer.Option(None, "--eraser", help=ERASER_HELP),
+    scale: Optional[List[float]] = typer.Option(None, "--scale", help=SCALE_HELP),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for the report (default: <output.dir>/eval)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a report already in the report folder."),
@@ -88,7 +103,7 @@ def eval_command(
         None, "--compare", help="Print two existing reports side by side (report.json files or their folders) "
         "and the settings that differ; nothing is generated. Example: t2vu eval --compare runs/a/eval runs/b/eval"),
 ) -> None:
-    """Generate the eval prompts with and without the eraser, judge them, write eval/report.{json,md}."""
+    """Generate the eval prompts with and without the erasers, judge them, write eval/report.{json,md}."""
     from t2vu.core.cli import console, fail, load_resolved, preflight
     from t2vu.core.errors import T2VUError
 
@@ -106,11 +121,12 @@ def eval_command(
         folder = report_dir(resolved, out, overwrite)  # refused before anything loads
     except T2VUError as exc:
         fail(str(exc))
-    preflight(resolved, "eval", *_eraser_arg(resolved, eraser))
+    erasers, setting = _erasers(resolved, eraser, scale)
+    preflight(resolved, "eval", [p for p, _ in erasers], setting)
     try:
         from t2vu.core.evaluate import evaluate
 
-        evaluate(resolved, eraser, console=console, out=folder, overwrite=overwrite)
+        evaluate(resolved, console=console, out=folder, overwrite=overwrite, erasers=erasers)
     except T2VUError as exc:
         fail(str(exc))
         return

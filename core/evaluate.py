@@ -1,7 +1,8 @@
-"""``t2vu eval``: generate with and without the eraser from the same seeds, judge, report.
+"""``t2vu eval``: generate with and without the erasers from the same seeds, judge, report.
 
 Writes ``<output.dir>/eval/report.json`` (``summary``: metric -> {"before", "after"}, the exact
-``settings`` (sampler, clip size, judges, seeds) and the eraser's metadata, plus every row; keys sorted, so
+``settings`` (sampler, clip size, judges, seeds) and each eraser's file, scale and metadata, plus every row; keys
+sorted, so
 two reports diff cleanly), ``report.md`` (the table and side-by-side thumbnails) and the thumbnails
 themselves. An earlier report is never replaced unless asked (``--overwrite``); :func:`compare` puts two
 reports side by side (``t2vu eval --compare A B``).
@@ -13,7 +14,7 @@ import csv
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from t2vu.core.errors import T2VUError
 from t2vu.core.spec import ResolvedSpec
@@ -136,8 +137,24 @@ def generation_options(resolved: ResolvedSpec, protocol: Optional[str] = None):
     return type(options).model_validate({**options.model_dump(), **dict(preset.backbone)})
 
 
-def load_for_generation(resolved: ResolvedSpec, eraser_path: Path, prompts: list[str], options=None):
-    """The backbone (loaded, with ``options``: default the spec's), the eraser attached to it, and the prompts'
+def chosen_erasers(resolved: ResolvedSpec, erasers: Optional[Sequence[Path]] = None,
+                   scales: Optional[Sequence[float]] = None) -> list[tuple[Path, float]]:
+    """``(file, scale)`` for each eraser a command attaches: ``erasers`` (default: the spec's own,
+    ``<output.dir>/eraser.safetensors``) with ``scales`` (none: 1.0 each; one: the same for all; else one per
+    eraser, in order)."""
+    paths = [default_eraser(resolved, p) for p in erasers] if erasers else [default_eraser(resolved, None)]
+    scales = list(scales or [])
+    if len(scales) > 1 and len(scales) != len(paths):
+        raise T2VUError(f"{len(scales)} --scale values for {len(paths)} erasers: give one --scale per --eraser "
+                        "(in the same order) or a single --scale for all of them")
+    values = scales * len(paths) if len(scales) == 1 else (scales or [1.0] * len(paths))
+    return [(p, float(v)) for p, v in zip(paths, values)]
+
+
+def load_for_generation(resolved: ResolvedSpec, erasers: Sequence[tuple[Path, float]], prompts: list[str],
+                        options=None):
+    """The backbone (loaded, with ``options``: default the spec's), the erasers attached to it (``(file,
+    scale)`` pairs, attached in order; one :class:`~t2vu.core.eraser_load.EraserHandle` each), and the prompts'
     embeddings."""
     import torch
 
@@ -148,8 +165,8 @@ def load_for_generation(resolved: ResolvedSpec, eraser_path: Path, prompts: list
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
     backbone.load(device)
     embeddings = backbone.encode_prompts([""] + list(prompts))
-    handle = load_eraser(backbone.transformer, eraser_path)
-    return backbone, handle, embeddings
+    handles = [load_eraser(backbone.transformer, path, scale) for path, scale in erasers]
+    return backbone, handles, embeddings
 
 
 def _judge(judge, video) -> tuple[str, Optional[dict[str, int]]]:
@@ -170,14 +187,19 @@ def report_dir(resolved: ResolvedSpec, out: Optional[Path] = None, overwrite: bo
 
 
 def evaluate(resolved: ResolvedSpec, eraser: Optional[Path] = None, console=None, out: Optional[Path] = None,
-             overwrite: bool = False) -> dict:
+             overwrite: bool = False, erasers: Optional[Sequence[tuple[Path, float]]] = None) -> dict:
+    """Generate the eval prompts without and with the erasers, judge both, write the report and return it.
+
+    ``erasers``: the ``(file, scale)`` pairs attached together (:func:`chosen_erasers`); default ``eraser``
+    (default: the spec's own) at scale 1.
+    """
     ev = resolved.spec.eval
     if ev is None:
         raise T2VUError("the spec has no 'eval:' section; add one (see docs/evaluation.md)")
     folder = report_dir(resolved, out, overwrite)
     if not resolved.judges:
         raise T2VUError("eval.judges is empty: name at least one evaluator (`t2vu plugins list --kind evaluator`)")
-    eraser_path = default_eraser(resolved, eraser)
+    erasers = list(erasers) if erasers else [(default_eraser(resolved, eraser), 1.0)]
     rows, prompt_set = eval_rows(resolved)
     if not rows:
         raise T2VUError("eval.prompts yielded no prompts")
@@ -188,13 +210,14 @@ def evaluate(resolved: ResolvedSpec, eraser: Optional[Path] = None, console=None
     from t2vu.core.sampling import generate
 
     options = generation_options(resolved, ev.protocol)
-    backbone, handle, embeddings = load_for_generation(resolved, eraser_path, [r.prompt for r in rows], options)
+    backbone, handles, embeddings = load_for_generation(resolved, erasers, [r.prompt for r in rows], options)
     kwargs = dict(num_frames=frames, height=height, width=width, steps=ev.steps, guidance=ev.guidance,
                   batch_size=ev.batch_size)
     prompts, seeds = [r.prompt for r in rows], [r.seed for r in rows]
-    before = generate(backbone, embeddings, prompts, seeds, disabled_erasers=handle.erasers, **kwargs)
+    before = generate(backbone, embeddings, prompts, seeds, disabled_erasers=handles, **kwargs)
     after = generate(backbone, embeddings, prompts, seeds, **kwargs)
-    handle.remove()
+    for handle in handles:
+        handle.remove()
 
     results = []
     labellers = [j for j in judges if not hasattr(j, "score")]
@@ -216,12 +239,19 @@ def evaluate(resolved: ResolvedSpec, eraser: Optional[Path] = None, console=None
                 "steps": ev.steps, "guidance": ev.guidance, "seeds": ev.seeds, "batch_size": ev.batch_size,
                 "judges": [j.to_dict() for j in resolved.judges],
                 "prompts": ev.prompts if not isinstance(ev.prompts, dict) else resolved.eval_prompts.to_dict()}
-    return write_report(resolved, eraser_path, results, summary, before, after, console, folder, settings,
-                        dict(handle.metadata))
+    attached = [{"path": str(h.path), "scale": h.scale, "metadata": dict(h.metadata)} for h in handles]
+    return write_report(resolved, attached, results, summary, before, after, console, folder, settings)
 
 
-def write_report(resolved, eraser_path, results, summary, before, after, console=None, out=None,
-                 settings=None, eraser_meta=None) -> dict:
+def _public_metadata(meta: dict) -> dict:
+    """An eraser's metadata for a report: without the (long) training spec and transformer config."""
+    return {k: v for k, v in meta.items() if k not in ("spec", "backbone_config")}
+
+
+def write_report(resolved, erasers: list[dict], results, summary, before, after, console=None, out=None,
+                 settings=None) -> dict:
+    """``report.json``/``report.md`` and the thumbnails; ``erasers``: ``{"path", "scale", "metadata"}`` per
+    eraser attached, in order."""
     from t2vu.core.sampling import side_by_side, write_video
 
     out = Path(out) if out is not None else Path(resolved.spec.output.dir) / "eval"
@@ -231,9 +261,9 @@ def write_report(resolved, eraser_path, results, summary, before, after, console
     for i in picked:
         write_video(thumbs / f"{i:04d}.gif", side_by_side(before[i], after[i]), fps=resolved.video_defaults.fps,
                     upscale=resolved.video_defaults.upscale)
-    eraser_meta = {k: v for k, v in (eraser_meta or {}).items() if k not in ("spec", "backbone_config")}
+    erasers = [{**e, "metadata": _public_metadata(e.get("metadata") or {})} for e in erasers]
     report = {
-        "eraser": str(eraser_path), "eraser_metadata": eraser_meta, "settings": settings or {}, "summary": summary,
+        "erasers": erasers, "settings": settings or {}, "summary": summary,
         "rows": [{**asdict(r.item), "before": r.before, "after": r.after, "pixel_change": r.pixel_change,
                   **({"counts_before": r.counts_before, "counts_after": r.counts_after} if r.counts_before else {}),
                   **({"scores_before": r.scores_before, "scores_after": r.scores_after} if r.scores_before else {})}
@@ -241,11 +271,12 @@ def write_report(resolved, eraser_path, results, summary, before, after, console
     }
     report = json.loads(json.dumps(report, default=str))
     (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    lines = ["# Evaluation", "", f"Eraser: `{eraser_path}`", "", "| metric | before | after | n |",
-             "|---|---|---|---|"]
+    named = ", ".join(f"`{e['path']}`" + (f" (scale {e['scale']:g})" if e["scale"] != 1 else "") for e in erasers)
+    lines = ["# Evaluation", "", f"Eraser{'s' if len(erasers) > 1 else ''}: {named}", "",
+             "| metric | before | after | n |", "|---|---|---|---|"]
     lines += [f"| {k} | {_fmt(v['before'])} | {_fmt(v['after'])} | {v.get('n', '')} |" for k, v in summary.items()]
     if picked:
-        lines += ["", "## Without (left) and with (right) the eraser, same seed", ""]
+        lines += ["", "## Without (left) and with (right) the erasers, same seed", ""]
         for i in picked:
             r = results[i]
             lines.append(f"- `{r.item.prompt}` (seed {r.item.seed}{', ' + r.item.group if r.item.group else ''}): "
@@ -281,8 +312,16 @@ def compare(a: Path, b: Path) -> tuple[list[tuple[str, ...]], list[tuple[str, st
             else:
                 yield f"{prefix}{k}", json.dumps(v, sort_keys=True)
 
-    sa = dict(flat({"settings": ra.get("settings"), "eraser": ra.get("eraser_metadata")}))
-    sb = dict(flat({"settings": rb.get("settings"), "eraser": rb.get("eraser_metadata")}))
+    def erasers(report):  # erasers.0.scale, erasers.0.target, ... (one-eraser reports of earlier versions too)
+        found = report.get("erasers")
+        if found is None and "eraser" in report:
+            found = [{"path": report["eraser"], "metadata": report.get("eraser_metadata") or {}}]
+        return {str(i): {**{k: v for k, v in e.items() if k not in ("metadata", "path")},
+                         **(e.get("metadata") or {})}
+                for i, e in enumerate(found or [])}
+
+    sa = dict(flat({"settings": ra.get("settings"), "erasers": erasers(ra)}))
+    sb = dict(flat({"settings": rb.get("settings"), "erasers": erasers(rb)}))
     differ = [(k, sa.get(k, "-"), sb.get(k, "-")) for k in sorted(set(sa) | set(sb)) if sa.get(k) != sb.get(k)]
     return rows, differ
 

@@ -28,7 +28,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence, Union
 
 from t2vu.core.spec import Problem, ResolvedSpec, SpecError, not_text, parse_path
 
@@ -423,13 +423,13 @@ def _eraser_problems(resolved: ResolvedSpec, eraser: Path, facts: ModelFacts,
     return problems
 
 
-def preflight(resolved: ResolvedSpec, command: str = "run", eraser: Optional[Path] = None,
+def preflight(resolved: ResolvedSpec, command: str = "run", eraser: Union[Path, Sequence[Path], None] = None,
               eraser_setting: str = "--eraser") -> list[Problem]:
     """Every problem found before loading (see the module docstring), as spec problems with YAML lines.
 
     ``command``: ``spec`` (the text files only), ``validate`` (training and eval clips, output folder), ``run``
     (training clip, output folder), ``generate`` (training clip, the VAE, ``eraser``), ``eval`` (eval clip, the
-    VAE, ``eraser``). ``eraser``: the eraser file to check; ``eraser_setting`` names it in problems.
+    VAE, ``eraser``). ``eraser``: the eraser file (or files) to check; ``eraser_setting`` names it in problems.
     """
     found: list[tuple[tuple, str]] = list(text_file_problems(resolved))
     if command == "spec":
@@ -445,8 +445,8 @@ def preflight(resolved: ResolvedSpec, command: str = "run", eraser: Optional[Pat
     found += [(parse_path(setting), message) for setting, message in facts.problems]
     if facts.sites is not None:
         found += _site_problems(resolved, facts.sites)
-    if eraser is not None:
-        found += _eraser_problems(resolved, Path(eraser), facts, eraser_setting)
+    for path in ([eraser] if isinstance(eraser, (str, Path)) else list(eraser or [])):
+        found += _eraser_problems(resolved, Path(path), facts, eraser_setting)
     return _problems(resolved, found)
 
 
@@ -464,7 +464,7 @@ def _problems(resolved: ResolvedSpec, found: list[tuple[tuple, str]]) -> list[Pr
     return problems
 
 
-def check(resolved: ResolvedSpec, command: str = "run", eraser: Optional[Path] = None,
+def check(resolved: ResolvedSpec, command: str = "run", eraser: Union[Path, Sequence[Path], None] = None,
           eraser_setting: str = "--eraser") -> None:
     """:func:`preflight`; raise every problem found as one :class:`SpecError` (exit code 2)."""
     problems = preflight(resolved, command, eraser, eraser_setting)

@@ -49,7 +49,8 @@ def run_sampler(backbone, noise: torch.Tensor, cond, uncond, *, steps: int, guid
 def generate(backbone, embeddings: dict, prompts: Sequence[str], seeds: Sequence[int], *, num_frames: int,
              height: int, width: int, steps: int, guidance: float, disabled_erasers=None, batch_size: int = 8
              ) -> torch.Tensor:
-    """Videos ``[B, F, 3, H, W]`` in [0, 1]; with ``disabled_erasers`` those erasers are switched off.
+    """Videos ``[B, F, 3, H, W]`` in [0, 1]; with ``disabled_erasers`` (an eraser set or handle, or a list of them:
+    anything with ``disabled()``) those erasers are switched off.
 
     Each video's noise (and a stochastic sampler's step noise) comes from ``torch.Generator().manual_seed(seed)``
     on the CPU, so a diffusers pipeline given that generator and the same settings makes the same video.
@@ -58,8 +59,13 @@ def generate(backbone, embeddings: dict, prompts: Sequence[str], seeds: Sequence
     """
     shape = backbone.latent_shape(num_frames, height, width)
     videos = []
-    off = disabled_erasers.disabled() if disabled_erasers is not None else contextlib.nullcontext()
-    with off:
+    if disabled_erasers is None:
+        disabled_erasers = []
+    elif hasattr(disabled_erasers, "disabled"):
+        disabled_erasers = [disabled_erasers]
+    with contextlib.ExitStack() as off:
+        for erasers in disabled_erasers:
+            off.enter_context(erasers.disabled())
         for i in range(0, len(prompts), batch_size):
             chunk, chunk_seeds = list(prompts[i:i + batch_size]), list(seeds[i:i + batch_size])
             generators = [torch.Generator().manual_seed(int(s)) for s in chunk_seeds]

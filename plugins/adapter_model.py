@@ -50,13 +50,67 @@ class Site:
     stream: str = "video"
 
 
+class _SiteHooks:
+    """Every eraser attached at one module, from every :class:`EraserSet`, behind one hook per stream.
+
+    The video hook replaces the module's video output ``h`` by ``h + sum_i scale_i * eraser_i(h)`` and the text
+    pre-hook does the same to the text tokens it is called with: each eraser reads the model's own activation,
+    so erasers attached together compose in any order (attaching A then B equals B then A).
+    """
+
+    ATTRIBUTE = "_t2vu_site_hooks"
+
+    def __init__(self, module: nn.Module, stream: str):
+        self.entries: list[tuple["EraserSet", str]] = []
+        if stream == "text":
+            self.handle = module.register_forward_pre_hook(self._text_hook, with_kwargs=True)
+        else:
+            self.handle = module.register_forward_hook(self._video_hook)
+
+    @classmethod
+    def at(cls, module: nn.Module, stream: str) -> "_SiteHooks":
+        hooks = module.__dict__.setdefault(cls.ATTRIBUTE, {})
+        if stream not in hooks:
+            hooks[stream] = cls(module, stream)
+        return hooks[stream]
+
+    def remove(self, module: nn.Module, stream: str, entry: tuple["EraserSet", str]) -> None:
+        self.entries = [e for e in self.entries if e is not entry]
+        if not self.entries:
+            self.handle.remove()
+            module.__dict__.get(self.ATTRIBUTE, {}).pop(stream, None)
+
+    def _add(self, x: torch.Tensor, stream: str) -> Optional[torch.Tensor]:
+        deltas = [d for d in (s._delta(name, x, stream) for s, name in self.entries) if d is not None]
+        if not deltas:
+            return None
+        for delta in deltas:
+            x = x + delta
+        return x
+
+    def _video_hook(self, _module, _inputs, output):
+        h, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, ())
+        new = self._add(h, "video")
+        if new is None:
+            return output
+        return (new, *rest) if isinstance(output, tuple) else new
+
+    def _text_hook(self, _module, args, kwargs):
+        if "encoder_hidden_states" in kwargs:
+            new = self._add(kwargs["encoder_hidden_states"], "text")
+            return None if new is None else (args, {**kwargs, "encoder_hidden_states": new})
+        new = self._add(args[1], "text")  # called positionally: (hidden_states, encoder_hidden_states, ...)
+        return None if new is None else ((args[0], new, *args[2:]), kwargs)
+
+
 class EraserSet(nn.Module):
     """All erasers of one backbone, attached by forward hooks.
 
-    A video site's hook replaces the module's video output ``h`` by ``h + scale * eraser(h)``; a
-    text site's pre-hook does the same to the text tokens the module is called with. While
-    :meth:`disabled` is active the hooks change nothing, so the transformer computes exactly the
-    stock prediction.
+    At a video site the module's video output ``h`` becomes ``h + scale * eraser(h)``; at a text site the text
+    tokens the module is called with change the same way. Several sets may be attached to one transformer (a
+    nudity and a celebrity eraser): each adds its own scaled output, computed from the module's own activation,
+    so the order of attachment does not matter. While :meth:`disabled` is active a set changes nothing, so with
+    every set disabled the transformer computes exactly the stock prediction.
     """
 
     def __init__(self, erasers: dict[str, nn.Module], eraser_type: str = "adapter",
@@ -72,7 +126,7 @@ class EraserSet(nn.Module):
         self.scale = 1.0
         self.record = False
         self.outputs: dict[str, torch.Tensor] = {}
-        self._handles: list = []
+        self._attached: list[tuple[nn.Module, str, _SiteHooks, tuple]] = []
 
     def eraser(self, site: str) -> nn.Module:
         return self.erasers[_key(site)]
@@ -84,51 +138,27 @@ class EraserSet(nn.Module):
             raise ValueError(f"eraser sites not in this model: {', '.join(missing[:5])}")
         for name in self.site_names:
             site = by_name[name]
-            if site.stream == "text":
-                handle = site.module.register_forward_pre_hook(self._text_hook(name), with_kwargs=True)
-            else:
-                handle = site.module.register_forward_hook(self._hook(name))
-            self._handles.append(handle)
+            stream = "text" if site.stream == "text" else "video"
+            hooks = _SiteHooks.at(site.module, stream)
+            entry = (self, name)
+            hooks.entries.append(entry)
+            self._attached.append((site.module, stream, hooks, entry))
         return self
 
     def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        for module, stream, hooks, entry in self._attached:
+            hooks.remove(module, stream, entry)
+        self._attached.clear()
 
-    def _hook(self, name: str):
-        module = self.eraser(name)
-
-        def hook(_module, _inputs, output):
-            if not self.enabled or "video" in self.off_streams:
-                return output
-            h, rest = (output[0], output[1:]) if isinstance(output, tuple) else (output, ())
-            delta = module(h)
-            if self.record:
-                self.outputs[name] = delta
-            h = self._add(h, delta)
-            return (h, *rest) if isinstance(output, tuple) else h
-
-        return hook
-
-    def _text_hook(self, name: str):
-        module = self.eraser(name)
-
-        def pre_hook(_module, args, kwargs):
-            if not self.enabled or "text" in self.off_streams:
-                return None
-            if "encoder_hidden_states" in kwargs:
-                text = kwargs["encoder_hidden_states"]
-                kwargs = {**kwargs, "encoder_hidden_states": self._add(text, module(text))}
-            else:  # called positionally: (hidden_states, encoder_hidden_states, ...)
-                args = (args[0], self._add(args[1], module(args[1])), *args[2:])
-            return args, kwargs
-
-        return pre_hook
-
-    def _add(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """``x + scale * delta`` in ``x``'s dtype (the eraser computes in fp32)."""
-        return x + (self.scale * delta).to(x.dtype)
+    def _delta(self, name: str, x: torch.Tensor, stream: str) -> Optional[torch.Tensor]:
+        """``scale * eraser(x)`` in ``x``'s dtype (the eraser computes in fp32), or ``None`` while this set or
+        ``stream`` is switched off."""
+        if not self.enabled or stream in self.off_streams:
+            return None
+        delta = self.eraser(name)(x)
+        if self.record and stream == "video":
+            self.outputs[name] = delta
+        return (self.scale * delta).to(x.dtype)
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:

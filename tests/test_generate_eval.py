@@ -160,12 +160,91 @@ def test_eval_keeps_earlier_reports_and_compares_two(trained, tmp_path):
     data = json.loads((other / "report.json").read_text())
     assert [(row["prompt"], row["seed"]) for row in data["rows"]] == [("a dog in a park", 7)]
     assert data["settings"]["steps"] == 2 and data["settings"]["num_frames"] == 9
-    assert data["eraser_metadata"]["target"] == "nudity"
+    assert data["erasers"] == [{"path": str(root / "run/eraser.safetensors"), "scale": 1.0,
+                                "metadata": data["erasers"][0]["metadata"]}]
+    assert data["erasers"][0]["metadata"]["target"] == "nudity" and "spec" not in data["erasers"][0]["metadata"]
     r = runner.invoke(app, ["eval", "--compare", str(root / "run/eval"), str(other / "report.json")])
     assert r.exit_code == 0, r.output
     assert "brightness_accuracy" in r.output and "settings.steps" in r.output and "settings.prompts" in r.output
     r = runner.invoke(app, ["eval", "--compare", str(root / "run/eval"), str(tmp_path / "nothing")])
     assert r.exit_code == 1 and "cannot read the report" in r.output
+
+
+@pytest.fixture(scope="module")
+def second_eraser(trained):
+    """Another eraser for the same tiny model, trained for another concept."""
+    root, folder, spec = trained
+    r = runner.invoke(app, ["run", str(spec), "--set", "concept.target=a dog", "--set", f"output.dir={root / 'run2'}",
+                            "--set", "training.seed=1"])
+    assert r.exit_code == 0, r.output
+    return root / "run2/eraser.safetensors"
+
+
+def test_erasers_compose_with_their_own_scales(trained, second_eraser):
+    """Two load_eraser calls attach both erasers (each at its own scale); removing one leaves exactly the other."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    import t2vu
+
+    root, folder, spec = trained
+    first = root / "run/eraser.safetensors"
+    transformer = CogVideoXTransformer3DModel.from_pretrained(folder, subfolder="transformer").eval()
+    g = torch.Generator().manual_seed(0)
+    x, e = torch.randn(1, 3, 4, 4, 4, generator=g), torch.randn(1, 16, 16, generator=g)
+
+    def out():  # (without RoPE: the stock forward runs without it, which is all this test needs)
+        with torch.no_grad():
+            return transformer(hidden_states=x, encoder_hidden_states=e, timestep=torch.tensor([500]),
+                               return_dict=False)[0]
+
+    stock = out()
+    a = t2vu.load_eraser(transformer, first)
+    only_a = out()
+    b = t2vu.load_eraser(transformer, second_eraser, scale=0.5)
+    both = out()
+    assert b.scale == 0.5 and a.scale == 1.0
+    assert not torch.allclose(both, only_a) and not torch.allclose(only_a, stock)
+    with b.disabled():
+        assert torch.equal(out(), only_a)
+    a.remove()
+    only_b = out()
+    b.scale = 0.0
+    assert torch.equal(out(), stock)
+    b.scale = 0.5
+    a = t2vu.load_eraser(transformer, first)
+    # attached in the other order: the same (each eraser reads the model's own activation), up to float rounding
+    assert torch.allclose(out(), both, atol=1e-6, rtol=0)
+    a.remove(), b.remove()
+    assert torch.equal(out(), stock) and not torch.allclose(only_b, stock)
+
+
+def test_eval_and_generate_with_several_erasers_and_scales(trained, second_eraser, tmp_path):
+    root, folder, spec = trained
+    first = root / "run/eraser.safetensors"
+    r = runner.invoke(app, ["eval", str(spec), "--eraser", str(first), "--eraser", str(second_eraser),
+                            "--scale", "0.5", "--scale", "1.5", "--out", str(tmp_path / "both"),
+                            "--set", "eval.steps=2"])
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "both/report.json").read_text())
+    assert [(e["path"], e["scale"], e["metadata"]["target"]) for e in data["erasers"]] == [
+        (str(first), 0.5, "nudity"), (str(second_eraser), 1.5, "a dog")]
+    assert "(scale 0.5)" in (tmp_path / "both/report.md").read_text()
+    # scale 0: the erasers change nothing
+    r = runner.invoke(app, ["eval", str(spec), "--eraser", str(first), "--eraser", str(second_eraser),
+                            "--scale", "0", "--out", str(tmp_path / "off"), "--set", "eval.steps=2"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "off/report.json").read_text())["summary"]["pixel_change"]["after"] == 0.0
+    r = runner.invoke(app, ["generate", str(spec), "--prompt", "a dog", "--eraser", str(first), "--eraser",
+                            str(second_eraser), "--scale", "1", "--scale", "2", "--scale", "3", "--steps", "2"])
+    assert r.exit_code == 1 and "3 --scale values for 2 erasers" in r.output
+    r = runner.invoke(app, ["generate", str(spec), "--prompt", "a dog", "--eraser", str(first), "--eraser",
+                            str(tmp_path / "missing.safetensors"), "--steps", "2"])
+    assert r.exit_code == 1 and "no eraser at" in r.output and "missing.safetensors" in r.output
+    r = runner.invoke(app, ["generate", str(spec), "--prompt", "a dog", "--eraser", str(first), "--eraser",
+                            str(second_eraser), "--scale", "0", "--compare", "--steps", "2",
+                            "--out", str(tmp_path / "gen")])
+    assert r.exit_code == 0, r.output
+    assert "mean pixel change: 0.0000" in r.output
 
 
 def test_eval_without_eval_section_is_a_clear_error(trained, tmp_path):

@@ -128,7 +128,7 @@ def test_load_eraser_and_generate_reproduce_the_stock_pipeline(tmp_path, folder)
     from t2vu.core.spec import load_spec
 
     resolved = load_spec(spec, plugins.get_registry())
-    backbone, handle, conds = load_for_generation(resolved, eraser, ["a nude person on a beach"])
+    backbone, (handle,), conds = load_for_generation(resolved, [(eraser, 1.0)], ["a nude person on a beach"])
     common = dict(num_frames=9, height=32, width=32, steps=3, guidance=6.0)
     ours_erased = generate(backbone, conds, ["a nude person on a beach"], [5], **common)
     ours_stock = generate(backbone, conds, ["a nude person on a beach"], [5], disabled_erasers=handle.erasers, **common)
