@@ -14,6 +14,7 @@ from torch import nn
 
 from t2vu.core.errors import T2VUError
 from t2vu.core.protocols import Guided
+from t2vu.core.text import concept_spans, overlapping
 from t2vu.core.upstream import UpstreamLayout
 from t2vu.plugins.adapter_model import Site
 
@@ -74,7 +75,9 @@ class _CaptureProcessor:
     grad, query/key are recomputed exactly as the model does (QK-norm, then
     RoPE on video tokens; text first in the joint sequence) and the softmax
     row of each video query is evaluated in chunks, so the full
-    ``[tokens, tokens]`` matrix is never materialised.
+    ``[tokens, tokens]`` matrix is never materialised. The scores and the
+    softmax are fp32 whatever the model's dtype (q and k are upcast after
+    their projections, before the matmul).
     """
 
     def __init__(self, inner, store: dict, block: str, token_masks: torch.Tensor, chunk: int):
@@ -109,13 +112,14 @@ class _CaptureProcessor:
             q[:, :, n_text:] = apply_rotary_emb(q[:, :, n_text:], rotary)
             k[:, :, n_text:] = apply_rotary_emb(k[:, :, n_text:], rotary)
         scale = 1.0 / math.sqrt(q.size(-1))
-        video_q = q[:, :, n_text:]
-        keep = masks.to(q.dtype)[:, None, None, :]  # [b, 1, 1, n_text]
+        # scores and softmax in fp32 (a bf16 model's q/k are upcast before the matmul, not its result)
+        video_q, k = q[:, :, n_text:].float(), k.float()
+        keep = masks.float()[:, None, None, :]  # [b, 1, 1, n_text]
         pieces = []
         for start in range(0, video_q.size(2), self.chunk):
-            scores = (video_q[:, :, start:start + self.chunk] @ k.transpose(-1, -2)).float() * scale
+            scores = (video_q[:, :, start:start + self.chunk] @ k.transpose(-1, -2)) * scale
             lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-            probs = torch.exp(scores[..., :n_text] - lse) * keep.float()
+            probs = torch.exp(scores[..., :n_text] - lse) * keep
             pieces.append(probs.sum(-1).mean(1))  # sum over concept tokens, mean over heads
         return torch.cat(pieces, dim=1)  # [b, n_video]
 
@@ -163,6 +167,8 @@ class CogVideoXBackbone:
     #: where erasers attach on a loaded transformer (load_eraser asks the backbone class)
     transformer_sites = staticmethod(transformer_sites)
     upstream = UPSTREAM
+    #: guided()'s ``uncond`` is the negative branch of its two-pass CFG (negative prompting works)
+    negative_prompting = True
 
     def __init__(self, options):
         self.options = options
@@ -175,6 +181,8 @@ class CogVideoXBackbone:
         self.forward_calls = 0
         self._rotary_cache: dict = {}
         self._tokenizer = None
+        #: CogVideoX 1.5: padded latent frame count -> the padding frames of the latest latent_shape() giving it
+        self._frame_padding: dict[int, int] = {}
         vae_cfg_path = self.path / "vae" / "config.json"
         vae_cfg = json.loads(vae_cfg_path.read_text()) if vae_cfg_path.exists() else {}
         self.vae_scale_spatial = 2 ** (len(vae_cfg.get("block_out_channels", [0] * 4)) - 1)
@@ -252,33 +260,26 @@ class CogVideoXBackbone:
         return out
 
     def concept_token_mask(self, prompt: str, concept: str) -> torch.Tensor:
-        """The prompt's tokens overlapping an occurrence of ``concept`` (case-insensitive).
+        """The prompt's tokens whose character offsets overlap a whole-word, case-insensitive occurrence of
+        ``concept`` (:func:`t2vu.core.text.concept_spans`: ``red`` is not in ``hundred``); never padding nor
+        special tokens (an ``<unk>`` spelling part of the concept counts).
 
-        A prompt that does not contain the concept's text (a paraphrase) uses all of its
+        A prompt that does not contain the concept's words (a paraphrase) uses all of its
         real tokens: the whole prompt then stands for the concept.
         """
         enc = self._tokenize([prompt], return_offsets_mapping=True)
-        offsets = enc["offset_mapping"][0].tolist()
-        real = enc["attention_mask"][0].bool()
-        ids = enc["input_ids"][0].tolist()
-        special = set(self.tokenizer().all_special_ids)
-        mask = torch.zeros(len(ids), dtype=torch.bool)
-        low, needle = prompt.lower(), concept.lower().strip()
-        spans, start = [], low.find(needle) if needle else -1
-        while start >= 0:
-            spans.append((start, start + len(needle)))
-            start = low.find(needle, start + 1)
-        for j, (a, b) in enumerate(offsets):
-            if ids[j] in special or b <= a:
-                continue
-            if any(a < e and b > s for s, e in spans):
-                mask[j] = True
-        if not mask.any():
-            mask = real & torch.tensor([i not in special for i in ids])
-        return mask
+        real = enc["attention_mask"][0].bool().tolist()
+        tok = self.tokenizer()
+        special = set(tok.all_special_ids) - {tok.unk_token_id}
+        keep = [r and i not in special for r, i in zip(real, enc["input_ids"][0].tolist())]
+        hits = overlapping(enc["offset_mapping"][0].tolist(), concept_spans(prompt, concept))
+        mask = torch.tensor([k and h for k, h in zip(keep, hits)], dtype=torch.bool)
+        return mask if mask.any() else torch.tensor(keep, dtype=torch.bool)
 
     # -- latents and scheduler maths -------------------------------------------------
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """``(F, C, H // s, W // s)``; with ``patch_size_t`` (CogVideoX 1.5) ``F`` is padded up to a multiple of
+        it, as ``CogVideoXPipeline`` pads, and the padding is remembered for :meth:`decode` to drop."""
         tr = self.vae_scale_temporal
         if num_frames < 1 or (num_frames - 1) % tr:
             lower = max(1, (num_frames - 1) // tr * tr + 1)
@@ -286,12 +287,13 @@ class CogVideoXBackbone:
                             f"the first); got {num_frames}, try {lower} or {lower + tr}")
         frames = (num_frames - 1) // tr + 1
         p_t = self.config.get("patch_size_t")
-        if p_t and frames % p_t:
-            frames += p_t - frames % p_t
+        pad = (p_t - frames % p_t) % p_t if p_t else 0
+        frames += pad
         s = self.vae_scale_spatial
         if height % (s * self.config["patch_size"]) or width % (s * self.config["patch_size"]):
             raise T2VUError(f"training.height/width must be multiples of {s * self.config['patch_size']} "
                             f"for this model (got {height}x{width})")
+        self._frame_padding[frames] = pad
         return frames, int(self.config["in_channels"]), height // s, width // s
 
     def token_grid(self, latent_shape) -> tuple[int, int]:
@@ -394,8 +396,23 @@ class CogVideoXBackbone:
 
     # -- decoding (generation and evaluation only; training never loads the VAE) ----------
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents ``[B, F, C, h, w]`` -> video ``[B, frames, 3, H, W]`` in [0, 1] (CogVideoX VAE)."""
+    def decode(self, latents: torch.Tensor, num_frames: Optional[int] = None) -> torch.Tensor:
+        """Latents ``[B, F, C, h, w]`` -> video ``[B, frames, 3, H, W]`` in [0, 1] (CogVideoX VAE).
+
+        CogVideoX 1.5 (``patch_size_t``): the latent frames :meth:`latent_shape` padded on are dropped first, as
+        ``CogVideoXPipeline`` drops them (``latents[:, additional_frames:]``: the FIRST ones), so the video has
+        the frames the pipeline returns for the same request. The padding is the one :meth:`latent_shape`
+        remembered for this latent frame count (the latest request giving it), or, with ``num_frames`` (the
+        requested pixel frames), the difference to ``(num_frames - 1) // r + 1`` (``r`` the VAE's temporal
+        compression). Latents of a count no :meth:`latent_shape` gave are decoded whole.
+        """
+        if num_frames is not None:
+            pad = latents.size(1) - ((num_frames - 1) // self.vae_scale_temporal + 1)
+            if pad < 0:
+                raise T2VUError(f"decode: {latents.size(1)} latent frames cannot make {num_frames} frames")
+        else:
+            pad = self._frame_padding.get(latents.size(1), 0)
+        latents = latents[:, pad:]
         if getattr(self, "_vae", None) is None:
             from diffusers import AutoencoderKLCogVideoX
 

@@ -30,6 +30,7 @@ from t2vu.backbones._folders import component_class, load_frozen_transformer
 from t2vu.backbones._folders import read_json as _read_json
 from t2vu.core.errors import T2VUError
 from t2vu.core.protocols import Guided
+from t2vu.core.text import concept_spans, overlapping
 from t2vu.core.upstream import UpstreamLayout
 from t2vu.plugins.adapter_model import Site
 
@@ -288,6 +289,12 @@ class HunyuanVideoBackbone:
         self.vae_scale_spatial = int(vae_cfg.get("spatial_compression_ratio", 8))
 
     @property
+    def negative_prompting(self) -> bool:
+        """Only without guidance embeddings: a guidance-distilled model guides in one pass and has no negative
+        branch."""
+        return not self.distilled
+
+    @property
     def distilled(self) -> bool:
         """Guidance-distilled (the transformer embeds the guidance scale; one pass per guided step)."""
         return bool(self.config.get("guidance_embeds", True))
@@ -403,32 +410,24 @@ class HunyuanVideoBackbone:
         return out
 
     def concept_token_mask(self, prompt: str, concept: str) -> torch.Tensor:
-        """Bool ``[L]`` over the cropped positions: the tokens overlapping a case-insensitive occurrence of
-        ``concept`` inside the user prompt (offsets in the formatted text, where the prompt starts at the
-        template's ``{}``); never padding nor template tokens. A prompt that does not contain the concept's
-        text (a paraphrase) uses all of its real tokens: the whole prompt then stands for the concept."""
+        """Bool ``[L]`` over the cropped positions: the tokens whose character offsets overlap a whole-word,
+        case-insensitive occurrence of ``concept`` inside the user prompt (:func:`t2vu.core.text.concept_spans`
+        on the prompt, shifted to where the prompt starts in the formatted text, the template's ``{}``); never
+        padding nor template tokens. A prompt that does not contain the concept's words (a paraphrase) uses all
+        of its real tokens: the whole prompt then stands for the concept."""
         enc = self._llama_inputs([prompt], return_offsets_mapping=True)
         crop, length = self.crop_start, self.text_length
         offsets = enc["offset_mapping"][0].tolist()[crop:crop + length]
         real = enc["attention_mask"][0].bool().tolist()[crop:crop + length]
         sentinel = "\x00t2vu\x00"
         start = self.template.format(sentinel).index(sentinel)  # where the prompt begins in the formatted text
-        low, needle = prompt.lower(), concept.lower().strip()
-        spans, at = [], low.find(needle) if needle else -1
-        while at >= 0:
-            spans.append((start + at, start + at + len(needle)))
-            at = low.find(needle, at + 1)
-        whole = [(start, start + len(prompt))]
+        spans = [(start + a, start + b) for a, b in concept_spans(prompt, concept)]
 
         def pick(ranges):
-            mask = torch.zeros(length, dtype=torch.bool)
-            for j, ((a, b), keep) in enumerate(zip(offsets, real)):
-                if keep and b > a and any(a < e and b > s for s, e in ranges):
-                    mask[j] = True
-            return mask
+            return torch.tensor([k and h for k, h in zip(real, overlapping(offsets, ranges))], dtype=torch.bool)
 
-        mask = pick(spans) if spans else torch.zeros(length, dtype=torch.bool)
-        return mask if mask.any() else pick(whole)
+        mask = pick(spans)
+        return mask if mask.any() else pick([(start, start + len(prompt))])
 
     # -- latents and scheduler maths -------------------------------------------------
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:

@@ -31,6 +31,7 @@ from t2vu.backbones._folders import read_json as _read_json
 from t2vu.backbones.wan import DOWNLOAD_HINT, REQUIRED, folder_problem
 from t2vu.core.errors import T2VUError
 from t2vu.core.protocols import Guided
+from t2vu.core.text import concept_spans, overlapping
 from t2vu.plugins.adapter_model import Site
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -227,6 +228,11 @@ class WanBackbone:
         return self._tokenizer
 
     @property
+    def negative_prompting(self) -> bool:
+        """guided()'s ``uncond`` is the negative branch unless ``options.negative_prompt`` fixes it."""
+        return not self.options.negative_prompt
+
+    @property
     def text_length(self) -> int:
         """``L``: condition positions per prompt."""
         return int(self.options.max_text_length)
@@ -284,27 +290,19 @@ class WanBackbone:
         return {p: out[p] for p in unique}
 
     def concept_token_mask(self, prompt: str, concept: str) -> torch.Tensor:
-        """Bool ``[L]``: the tokens overlapping a case-insensitive occurrence of ``concept`` in the cleaned
-        prompt (never padding nor EOS). A prompt that does not contain the concept's text (a paraphrase) uses all
-        of its real text tokens: the whole prompt then stands for the concept."""
+        """Bool ``[L]``: the tokens whose character offsets overlap a whole-word, case-insensitive occurrence of
+        ``concept`` in the cleaned prompt (:func:`t2vu.core.text.concept_spans`; never padding nor EOS). A prompt
+        that does not contain the concept's words (a paraphrase) uses all of its real text tokens: the whole
+        prompt then stands for the concept."""
         text = self.clean(prompt)
         enc = self._tokenize([prompt], return_offsets_mapping=True)
         offsets = enc["offset_mapping"][0].tolist()
         real = enc["attention_mask"][0].bool().tolist()
-        low, needle = text.lower(), self.clean(concept).lower()
-        spans, at = [], low.find(needle) if needle else -1
-        while at >= 0:
-            spans.append((at, at + len(needle)))
-            at = low.find(needle, at + 1)
 
         def pick(ranges):
-            mask = torch.zeros(self.text_length, dtype=torch.bool)
-            for j, ((a, b), keep) in enumerate(zip(offsets, real)):
-                if keep and b > a and any(a < e and b > s for s, e in ranges):
-                    mask[j] = True
-            return mask
+            return torch.tensor([k and h for k, h in zip(real, overlapping(offsets, ranges))], dtype=torch.bool)
 
-        mask = pick(spans) if spans else torch.zeros(self.text_length, dtype=torch.bool)
+        mask = pick(concept_spans(text, self.clean(concept)))
         return mask if mask.any() else pick([(0, len(text))])
 
     # -- latents and scheduler maths -------------------------------------------------

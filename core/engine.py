@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, Callable, Optional
 
 from t2vu.core.errors import T2VUError
 from t2vu.core.spec import ResolvedSpec
+from t2vu.core.text import replace_concept
 
 from t2vu.core.run_folder import ERASER_FILE, RunFolder
 
@@ -85,10 +85,11 @@ def gather_prompts(resolved: ResolvedSpec) -> Prompts:
 
 
 def anchor_prompt(prompt: str, target: str, anchor: Optional[str]) -> str:
-    """``prompt`` with every whole-word ``target`` (any case) replaced by ``anchor``; "" when no anchor."""
+    """``prompt`` with every whole-word ``target`` (any case; :func:`t2vu.core.text.concept_spans`, the rule the
+    concept token masks follow) replaced by ``anchor``; "" when no anchor."""
     if anchor is None:
         return ""
-    out = re.sub(rf"(?<!\w){re.escape(target)}(?!\w)", anchor.strip(), prompt, flags=re.IGNORECASE)
+    out = replace_concept(prompt, target, anchor.strip())
     return " ".join(out.split())
 
 

@@ -215,6 +215,41 @@ def test_anchor_prompt_replaces_the_concept_word():
     assert anchor_prompt("square", "square", "shape") == "shape"
 
 
+def _spelled(backbone, prompt, mask):
+    """The prompt's text the masked tokens cover (their offsets, first to last), stripped."""
+    offsets = backbone._tokenize([prompt], return_offsets_mapping=True)["offset_mapping"][0][mask].tolist()
+    return prompt[min(a for a, _ in offsets):max(b for _, b in offsets)].strip()
+
+
+def test_concept_token_mask_matches_whole_words_only(loaded):
+    """"red" marks the tokens of the word red, not the "red" pieces of hundred / covered / reddish (the tiny
+    vocabulary splits those into pieces that include "re" + "d"); any case; multi-word concepts."""
+    backbone, _, _ = loaded
+
+    def fallback(prompt):  # every real token but EOS
+        enc = backbone._tokenize([prompt])
+        real = enc.attention_mask[0].bool()
+        return real & (enc.input_ids[0] != backbone.tokenizer().eos_token_id)
+
+    for prompt in ("a hundred red cars", "covered in red", "red hundred"):
+        m = backbone.concept_token_mask(prompt, "red")
+        assert 0 < m.sum() < fallback(prompt).sum() and _spelled(backbone, prompt, m) == "red", prompt
+    # case-insensitive both ways (the tiny vocabulary has no "R": that piece is <unk>, still a token of the word)
+    up = backbone.concept_token_mask("a Red car", "red")
+    assert _spelled(backbone, "a Red car", up) == "Red" and torch.equal(
+        backbone.concept_token_mask("a Red car", "RED"), up)
+    two = backbone.concept_token_mask("red hundred red", "red")  # 16 tokens: short prompts
+    assert two.sum() == 2 * backbone.concept_token_mask("a red car", "red").sum()
+    # no whole-word occurrence: the fallback (all real tokens)
+    for prompt in ("a reddish car", "a hundred cars"):
+        assert torch.equal(backbone.concept_token_mask(prompt, "red"), fallback(prompt)), prompt
+    # multi-word, any whitespace run and case
+    for prompt in ("a van gogh tree", "a Van  Gogh tree"):
+        vg = backbone.concept_token_mask(prompt, "van gogh")
+        assert " ".join(_spelled(backbone, prompt, vg).lower().split()) == "van gogh", prompt
+    assert torch.equal(backbone.concept_token_mask("a vangogh tree", "van gogh"), fallback("a vangogh tree"))
+
+
 def _explicit_concept_attention(backbone, x, t, e, token_mask):
     """Reference: the model's own SDPA call replaced by an explicit softmax that keeps the probabilities."""
     import diffusers.models.attention_processor as ap
@@ -258,6 +293,44 @@ def test_attention_capture_matches_the_models_real_attention(loaded):
             mask[None], ["transformer_blocks.1.attn1"], latent_shape=x.shape[1:]) as only:
         backbone.predict(x, t, e)
     assert list(only) == ["transformer_blocks.1.attn1"] and torch.equal(only[names[1]], store[names[1]])
+
+
+def test_attention_capture_scores_are_fp32_in_a_bf16_model(tiny_folder, loaded):
+    """A bfloat16 transformer: the captured map is the float64 softmax of the model's own (bf16) q and k up to
+    fp32 rounding; scores from a bf16 matmul (what the capture did before) are off by far more."""
+    import diffusers.models.attention_processor as ap
+
+    _, _, emb = loaded
+    backbone = plugins.get_registry().get("backbone", "cogvideox").build(
+        {"model_path": str(tiny_folder), "dtype": "bfloat16"})
+    backbone.load("cpu")
+    x = torch.randn(1, *backbone.latent_shape(9, 32, 32), generator=torch.Generator().manual_seed(0)) * 3
+    t, prompt = torch.tensor([600]), "a nude person on a beach"
+    mask, e = backbone.concept_token_mask(prompt, "nude"), emb[prompt][None]
+    n_text = e.size(1)
+    qk, real_sdpa = [], ap.F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):  # the model's own q, k (bf16, after QK-norm and RoPE)
+        qk.append((q, k))
+        return real_sdpa(q, k, v, *args, **kwargs)
+
+    ap.F.scaled_dot_product_attention = spy
+    try:
+        with torch.no_grad(), backbone.capture_attention(mask[None], None, latent_shape=x.shape[1:]) as store:
+            backbone.predict(x, t, e)
+    finally:
+        ap.F.scaled_dot_product_attention = real_sdpa
+
+    def concept_mass(q, k, dtype):
+        scores = (q.to(dtype) @ k.to(dtype).transpose(-1, -2)).double() / q.size(-1) ** 0.5
+        return scores.softmax(-1)[:, :, n_text:, :n_text][..., mask].sum(-1).mean(1)
+
+    assert len(qk) == 2 and qk[0][0].dtype == torch.bfloat16
+    for name, (q, k) in zip(["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"], qk):
+        got, exact = store[name].flatten(1).double(), concept_mass(q, k, torch.float64)
+        bf16_scores = concept_mass(q, k, torch.bfloat16)
+        assert (got - exact).abs().max() < 1e-6  # measured: ~2e-8
+        assert (bf16_scores - exact).abs().max() > 2e-5  # measured: ~2e-4 (the test tells the two apart)
 
 
 def test_concept_mask_per_frame_and_localization_loss():
@@ -307,11 +380,17 @@ def test_localization_mask_lands_on_the_region_that_attends_to_the_concept():
     assert mask.tolist() == [[[0, 0, 0, 0], [0, 0, 1, 0]]]
 
 
-def test_cogvideox15_layout_patch_size_t(tmp_path):
-    """CogVideoX1.5 (patch_size_t=2, slice RoPE grid): frames padded, stock output reproduced."""
+@pytest.fixture(scope="module")
+def cog15_folder(tmp_path_factory):
+    """A tiny CogVideoX1.5 folder (patch_size_t=2, one block)."""
     from tiny import build_tiny_cogvideox
 
-    folder = build_tiny_cogvideox(tmp_path / "cog15", patch_size_t=2, layers=1)
+    return build_tiny_cogvideox(tmp_path_factory.mktemp("cog15") / "cog15", patch_size_t=2, layers=1)
+
+
+def test_cogvideox15_layout_patch_size_t(cog15_folder):
+    """CogVideoX1.5 (patch_size_t=2, slice RoPE grid): frames padded, stock output reproduced."""
+    folder = cog15_folder
     backbone = plugins.get_registry().get("backbone", "cogvideox").build({"model_path": str(folder), "dtype": "float32"})
     backbone.load("cpu")
     shape = backbone.latent_shape(9, 32, 32)
@@ -332,3 +411,33 @@ def test_cogvideox15_layout_patch_size_t(tmp_path):
         with backbone.capture_attention(torch.ones(1, 16, dtype=torch.bool), None, latent_shape=shape) as store:
             backbone.predict(x, t, e)
     assert store["transformer_blocks.0.attn1"].shape == (1, 2, 4)
+
+
+def test_cogvideox15_decode_drops_the_padding_frames_as_the_pipeline_does(cog15_folder):
+    """9 frames on CogVideoX1.5: 3 latent frames padded to 4 for patch_size_t=2; the pipeline drops the FIRST
+    latent frame before decoding, so its video has 9 frames (decoding all 4 gives 16, one of them junk)."""
+    from diffusers import CogVideoXPipeline
+
+    from t2vu.core.sampling import generate, initial_noise
+
+    backbone = plugins.get_registry().get("backbone", "cogvideox").build(
+        {"model_path": str(cog15_folder), "dtype": "float32"})
+    backbone.load("cpu")
+    pipe = CogVideoXPipeline.from_pretrained(cog15_folder)
+    pipe.set_progress_bar_config(disable=True)
+    emb = backbone.encode_prompts(["", "a red car"])
+    ours = generate(backbone, emb, ["a red car"], [3], num_frames=9, height=32, width=32, steps=2, guidance=5.0)
+    ref = pipe("a red car", num_frames=9, height=32, width=32, num_inference_steps=2, guidance_scale=5.0,
+               output_type="pt", max_sequence_length=16, latents=initial_noise((1, 4, 4, 4, 4), 3)).frames
+    assert ours.shape == ref.shape == (1, 9, 3, 32, 32)
+    assert torch.allclose(ours, ref, atol=1e-4)
+    # decode alone: the pipeline's own decode of latents[:, 1:]; num_frames= says the same explicitly
+    z = torch.randn(1, *backbone.latent_shape(9, 32, 32), generator=torch.Generator().manual_seed(1))
+    video = backbone.decode(z)
+    with torch.no_grad():
+        stock = pipe.video_processor.postprocess_video(pipe.decode_latents(z[:, 1:]), output_type="pt")
+    assert video.shape == stock.shape == (1, 9, 3, 32, 32) and torch.allclose(video, stock, atol=1e-5)
+    assert torch.equal(backbone.decode(z, num_frames=9), video)
+    assert backbone.decode(z, num_frames=13).shape[1] == pipe.decode_latents(z).shape[2]  # 4 real latent frames
+    with pytest.raises(T2VUError, match="cannot make 17 frames"):
+        backbone.decode(z, num_frames=17)

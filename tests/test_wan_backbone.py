@@ -165,6 +165,30 @@ def test_concept_token_mask(loaded):
     assert not picked("", "nudity")[0].any()
 
 
+def test_concept_token_mask_matches_whole_words_only(loaded):
+    """"red" marks the tokens of the word red, not the "re"/"d" pieces of hundred / covered / reddish (the tiny
+    vocabulary splits those words so); any case; multi-word concepts; no whole-word hit: the fallback."""
+    bb, _ = loaded
+
+    def spelled(prompt, mask):  # the cleaned text the masked tokens cover, first to last, stripped
+        offsets = bb._tokenize([prompt], return_offsets_mapping=True)["offset_mapping"][0][mask].tolist()
+        return bb.clean(prompt)[min(a for a, _ in offsets):max(b for _, b in offsets)].strip()
+
+    for prompt in ("a hundred red cars", "covered in red", "red hundred"):
+        m = bb.concept_token_mask(prompt, "red")
+        assert 0 < m.sum() < bb.concept_token_mask(prompt, "nudity").sum() and spelled(prompt, m) == "red", prompt
+    up = bb.concept_token_mask("a Red car", "red")
+    assert spelled("a Red car", up) == "Red" and torch.equal(bb.concept_token_mask("a Red car", "RED"), up)
+    assert bb.concept_token_mask("red hundred red", "red").sum() == 2 * bb.concept_token_mask("a red", "red").sum()
+    for prompt in ("a reddish car", "a hundred cars"):  # no whole-word "red": every real token of the prompt
+        assert torch.equal(bb.concept_token_mask(prompt, "red"), bb.concept_token_mask(prompt, "nudity")), prompt
+    for prompt in ("a van gogh tree", "a Van  Gogh tree"):
+        vg = bb.concept_token_mask(prompt, "van gogh")
+        assert " ".join(spelled(prompt, vg).lower().split()) == "van gogh", prompt
+    assert torch.equal(bb.concept_token_mask("a vangogh tree", "van gogh"),
+                       bb.concept_token_mask("a vangogh tree", "nudity"))
+
+
 def test_latents_timesteps_and_noise(loaded, pipe):
     bb, _ = loaded
     assert bb.latent_shape(*SHAPE) == (4, 3, 4, 4) and bb.token_grid((4, 3, 4, 4)) == (3, 4)
