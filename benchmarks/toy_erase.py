@@ -8,10 +8,12 @@ benchmarks/results/toy_erase.json. Targets (issue: toy world):
 
   target_rate after <= 0.05 (before >= 0.90), synonym_rate after <= 0.10,
   other/shape/motion accuracy after >= 0.95 x before, other_pixel_change <= 0.03,
-  training + evaluation <= 300 s.
+  training + evaluation <= 300 s. With --baselines negative_prompt each row also reports negative prompting
+  (the stock model with the concept as the negative prompt, same seeds) beside the eraser.
 
     python benchmarks/toy_erase.py                     # red, blue, green, square, triangle, circle x seeds 0, 1
     python benchmarks/toy_erase.py --concepts red --seeds 0
+    python benchmarks/toy_erase.py --concepts red circle --baselines negative_prompt
     python benchmarks/toy_erase.py --spec examples/toy-erase-any.yaml --seeds 0 1 2 3   # one spec, every concept
 """
 
@@ -106,7 +108,12 @@ def main() -> int:
     parser.add_argument("--spec", type=Path, default=None,
                         help="one spec for every concept (default: the example spec of each concept's attribute)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--baselines", nargs="*", default=[],
+                        help="eval.baselines to report beside each eraser, e.g. --baselines negative_prompt (their "
+                        "generation counts in eval_s)")
     args = parser.parse_args()
+    if args.baselines:
+        args.sets = [f"eval.baselines=[{', '.join(args.baselines)}]", *args.sets]
 
     import torch
 
@@ -149,7 +156,12 @@ def print_table(rows: list[dict]) -> None:
         for m in METRICS:
             v = r["summary"].get(m)
             cells.append(f"{v['before']:.2f} -> {v['after']:.3f}".rjust(22) if v else "—".rjust(22))
+        baselines = {b: [f"{m} {r['summary'][m][b]:.3f}" for m in METRICS if b in r["summary"].get(m, {})]
+                     for b in dict.fromkeys(k for v in r["summary"].values() for k in v
+                                            if k not in ("before", "after", "n"))}
         print(f"{r['concept']:>7} {r['seed']:>4} " + " ".join(cells) + f" {r['train_s']:>7} {r['eval_s']:>6}")
+        for name, values in baselines.items():
+            print(f"{'':>12} {name} instead of the eraser: " + ", ".join(values))
 
 
 if __name__ == "__main__":

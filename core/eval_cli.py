@@ -37,6 +37,9 @@ def generate_command(
     eraser: Optional[List[Path]] = typer.Option(None, "--eraser", help=ERASER_HELP),
     scale: Optional[List[float]] = typer.Option(None, "--scale", help=SCALE_HELP),
     compare: bool = typer.Option(False, "--compare", help="Also generate without the erasers, same seed, and a side-by-side GIF."),
+    negative_prompt: Optional[str] = typer.Option(
+        None, "--negative-prompt", help="Negative prompt of two-pass guidance for the erased video (e.g. the "
+        "concept, for negative prompting; with --scale 0 it alone acts); default: the backbone's."),
     seed: int = typer.Option(0, "--seed", help="Noise seed."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Sampler steps (default: the backbone's)."),
     guidance: Optional[float] = typer.Option(
@@ -61,7 +64,11 @@ def generate_command(
         from t2vu.core.evaluate import load_for_generation
         from t2vu.core.sampling import generate, side_by_side, write_video
 
-        backbone, handles, embeddings = load_for_generation(resolved, erasers, [prompt])
+        backbone, handles, embeddings = load_for_generation(
+            resolved, erasers, [prompt] + ([negative_prompt] if negative_prompt is not None else []))
+        if negative_prompt is not None and not backbone.negative_prompting:
+            raise T2VUError(f"--negative-prompt: this {resolved.backbone.name} model guides without a free negative "
+                            "branch (one-pass guidance, or a fixed backbone.negative_prompt)")
         tr, defaults = resolved.spec.training, resolved.video_defaults
         steps = steps or defaults.steps
         guidance = guidance if guidance is not None else defaults.guidance
@@ -69,7 +76,7 @@ def generate_command(
             raise T2VUError(f"backbone {resolved.backbone.name!r} has no default sampler steps or guidance; "
                             "pass --steps and --guidance")
         kwargs = dict(num_frames=tr.num_frames, height=tr.height, width=tr.width, steps=steps, guidance=guidance)
-        erased = generate(backbone, embeddings, [prompt], [seed], **kwargs)[0]
+        erased = generate(backbone, embeddings, [prompt], [seed], negative=negative_prompt, **kwargs)[0]
         original = generate(backbone, embeddings, [prompt], [seed], disabled_erasers=handles,
                             **kwargs)[0] if compare else None
         for handle in handles:

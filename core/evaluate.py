@@ -40,6 +40,7 @@ class EvalResult:
     counts_after: dict[str, dict[str, int]] = field(default_factory=dict)
     scores_before: dict[str, float] = field(default_factory=dict)  # attribute -> score (judges that score)
     scores_after: dict[str, float] = field(default_factory=dict)
+    baselines: dict[str, dict[str, str]] = field(default_factory=dict)  # baseline -> attribute -> label
 
 
 def rows_from_csv(path: Path, seeds: list[int], prompt_column: str = "prompt",
@@ -210,18 +211,61 @@ def evaluate(resolved: ResolvedSpec, eraser: Optional[Path] = None, console=None
     from t2vu.core.sampling import generate
 
     options = generation_options(resolved, ev.protocol)
-    backbone, handles, embeddings = load_for_generation(resolved, erasers, [r.prompt for r in rows], options)
+    concept = resolved.spec.concept.target.strip()
+    extra = [concept] if "negative_prompt" in ev.baselines else []
+    backbone, handles, embeddings = load_for_generation(resolved, erasers, [r.prompt for r in rows] + extra,
+                                                        options)
     kwargs = dict(num_frames=frames, height=height, width=width, steps=ev.steps, guidance=ev.guidance,
                   batch_size=ev.batch_size)
     prompts, seeds = [r.prompt for r in rows], [r.seed for r in rows]
     before = generate(backbone, embeddings, prompts, seeds, disabled_erasers=handles, **kwargs)
     after = generate(backbone, embeddings, prompts, seeds, **kwargs)
+    baselines = {}
+    for name in ev.baselines:  # inference-time methods on the stock model, for comparison
+        if name == "negative_prompt":
+            if not backbone.negative_prompting:
+                for handle in handles:
+                    handle.remove()
+                raise T2VUError(f"eval.baselines: negative_prompt needs two-pass guidance with a free negative "
+                                f"branch, which this {resolved.backbone.name} model does not sample with "
+                                "(a guidance-distilled model guides in one pass; a fixed backbone.negative_prompt "
+                                "takes the branch); drop it from eval.baselines")
+            baselines[name] = generate(backbone, embeddings, prompts, seeds, disabled_erasers=handles,
+                                       negative=concept, **kwargs)
     for handle in handles:
         handle.remove()
 
-    results = []
+    def judged(videos) -> list[EvalResult]:
+        return _judge_all(rows, judges, before, videos)
+
+    results = judged(after)
+    positive = {j.attribute: j.positive for j in judges if getattr(j, "positive", None)}
+
+    def summarize(rs):
+        return prompt_set.summarize(rs) if hasattr(prompt_set, "summarize") else generic_summary(rs, positive)
+
+    summary = summarize(results)
+    for name, videos in baselines.items():
+        other = judged(videos)
+        for metric, value in summarize(other).items():
+            if metric in summary:
+                summary[metric][name] = value["after"]
+        for r, o in zip(results, other):
+            r.baselines[name] = o.after
+    settings = {"backbone": resolved.backbone.name, "protocol": ev.protocol, "baselines": list(ev.baselines),
+                "backbone_options": options.model_dump(mode="json"), "num_frames": frames, "height": height, "width": width,
+                "steps": ev.steps, "guidance": ev.guidance, "seeds": ev.seeds, "batch_size": ev.batch_size,
+                "judges": [j.to_dict() for j in resolved.judges],
+                "prompts": ev.prompts if not isinstance(ev.prompts, dict) else resolved.eval_prompts.to_dict()}
+    attached = [{"path": str(h.path), "scale": h.scale, "metadata": dict(h.metadata)} for h in handles]
+    return write_report(resolved, attached, results, summary, before, after, console, folder, settings)
+
+
+def _judge_all(rows: list[EvalPrompt], judges: list, before, after) -> list[EvalResult]:
+    """Every judge's verdict on each row's two videos (``before`` and ``after``, same seed)."""
     labellers = [j for j in judges if not hasattr(j, "score")]
     scorers = [j for j in judges if hasattr(j, "score")]
+    results = []
     for i, item in enumerate(rows):
         verdicts = [(j, _judge(j, before[i]), _judge(j, after[i])) for j in labellers]
         results.append(EvalResult(
@@ -231,16 +275,7 @@ def evaluate(resolved: ResolvedSpec, eraser: Optional[Path] = None, console=None
             {j.attribute: a[1] for j, _, a in verdicts if a[1] is not None},
             {j.attribute: j.score(before[i], item.prompt) for j in scorers},
             {j.attribute: j.score(after[i], item.prompt) for j in scorers}))
-    positive = {j.attribute: j.positive for j in judges if getattr(j, "positive", None)}
-    summary = (prompt_set.summarize(results) if hasattr(prompt_set, "summarize")
-               else generic_summary(results, positive))
-    settings = {"backbone": resolved.backbone.name, "protocol": ev.protocol,
-                "backbone_options": options.model_dump(mode="json"), "num_frames": frames, "height": height, "width": width,
-                "steps": ev.steps, "guidance": ev.guidance, "seeds": ev.seeds, "batch_size": ev.batch_size,
-                "judges": [j.to_dict() for j in resolved.judges],
-                "prompts": ev.prompts if not isinstance(ev.prompts, dict) else resolved.eval_prompts.to_dict()}
-    attached = [{"path": str(h.path), "scale": h.scale, "metadata": dict(h.metadata)} for h in handles]
-    return write_report(resolved, attached, results, summary, before, after, console, folder, settings)
+    return results
 
 
 def _public_metadata(meta: dict) -> dict:
@@ -266,15 +301,22 @@ def write_report(resolved, erasers: list[dict], results, summary, before, after,
         "erasers": erasers, "settings": settings or {}, "summary": summary,
         "rows": [{**asdict(r.item), "before": r.before, "after": r.after, "pixel_change": r.pixel_change,
                   **({"counts_before": r.counts_before, "counts_after": r.counts_after} if r.counts_before else {}),
-                  **({"scores_before": r.scores_before, "scores_after": r.scores_after} if r.scores_before else {})}
+                  **({"scores_before": r.scores_before, "scores_after": r.scores_after} if r.scores_before else {}),
+                  **({"baselines": r.baselines} if r.baselines else {})}
                  for r in results],
     }
     report = json.loads(json.dumps(report, default=str))
     (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     named = ", ".join(f"`{e['path']}`" + (f" (scale {e['scale']:g})" if e["scale"] != 1 else "") for e in erasers)
+    extra = _baseline_names(summary)
     lines = ["# Evaluation", "", f"Eraser{'s' if len(erasers) > 1 else ''}: {named}", "",
-             "| metric | before | after | n |", "|---|---|---|---|"]
-    lines += [f"| {k} | {_fmt(v['before'])} | {_fmt(v['after'])} | {v.get('n', '')} |" for k, v in summary.items()]
+             "| metric | before | after | " + "".join(f"{b} | " for b in extra) + "n |",
+             "|---|---|---|" + "---|" * len(extra) + "---|"]
+    lines += [f"| {k} | {_fmt(v['before'])} | {_fmt(v['after'])} | " + "".join(f"{_fmt(v.get(b, '-'))} | " for b in extra)
+              + f"{v.get('n', '')} |" for k, v in summary.items()]
+    if extra:
+        lines += ["", "Baselines: the stock model (erasers off) with an inference-time method instead "
+                  f"({', '.join(extra)}; see docs/evaluation.md), same seeds."]
     if picked:
         lines += ["", "## Without (left) and with (right) the erasers, same seed", ""]
         for i in picked:
@@ -329,12 +371,19 @@ def compare(a: Path, b: Path) -> tuple[list[tuple[str, ...]], list[tuple[str, st
 def print_summary(console, summary: dict) -> None:
     from rich.table import Table
 
-    table = Table(title="before / after the eraser")
-    for col in ("metric", "before", "after", "n"):
+    extra = _baseline_names(summary)
+    table = Table(title="before / after the eraser" + (f" / {', '.join(extra)}" if extra else ""))
+    for col in ("metric", "before", "after", *extra, "n"):
         table.add_column(col, justify="left" if col == "metric" else "right")
     for k, v in summary.items():
-        table.add_row(k, _fmt(v["before"]), _fmt(v["after"]), str(v.get("n", "")))
+        table.add_row(k, _fmt(v["before"]), _fmt(v["after"]), *(_fmt(v.get(b, "-")) for b in extra),
+                      str(v.get("n", "")))
     console.print(table)
+
+
+def _baseline_names(summary: dict) -> list[str]:
+    """The baseline columns of a summary (keys besides before/after/n), in first-seen order."""
+    return list(dict.fromkeys(k for v in summary.values() for k in v if k not in ("before", "after", "n")))
 
 
 def _fmt(x) -> str:

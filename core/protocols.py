@@ -107,6 +107,8 @@ class Backbone(Protocol):
     transformer: Any  # the frozen torch module, after load(); erasers hook into it
     config: dict  # the transformer's config (hashed into eraser files); readable before load()
     device: Any  # torch.device the transformer runs on, after load()
+    negative_prompting: bool  # guided()'s ``uncond`` is the negative branch it steps with (two-pass CFG without a
+    # fixed negative prompt), so the concept as ``uncond`` is negative prompting; False for one-pass guidance
     forward_calls: int  # transformer forward calls so far (a batched two-pass CFG step is one); tests count
     # the passes per training step with it
 

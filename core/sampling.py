@@ -47,15 +47,16 @@ def run_sampler(backbone, noise: torch.Tensor, cond, uncond, *, steps: int, guid
 
 @torch.no_grad()
 def generate(backbone, embeddings: dict, prompts: Sequence[str], seeds: Sequence[int], *, num_frames: int,
-             height: int, width: int, steps: int, guidance: float, disabled_erasers=None, batch_size: int = 8
-             ) -> torch.Tensor:
+             height: int, width: int, steps: int, guidance: float, disabled_erasers=None, batch_size: int = 8,
+             negative: Optional[str] = None) -> torch.Tensor:
     """Videos ``[B, F, 3, H, W]`` in [0, 1]; with ``disabled_erasers`` (an eraser set or handle, or a list of them:
     anything with ``disabled()``) those erasers are switched off.
 
     Each video's noise (and a stochastic sampler's step noise) comes from ``torch.Generator().manual_seed(seed)``
     on the CPU, so a diffusers pipeline given that generator and the same settings makes the same video.
 
-    ``embeddings`` maps each prompt (and ``""``) to its condition (:meth:`Backbone.encode_prompts`).
+    ``embeddings`` maps each prompt (and ``""``) to its condition (:meth:`Backbone.encode_prompts`); ``negative``
+    (one of them) is the negative branch of a two-pass guidance instead of ``""`` (negative prompting).
     """
     shape = backbone.latent_shape(num_frames, height, width)
     videos = []
@@ -71,7 +72,7 @@ def generate(backbone, embeddings: dict, prompts: Sequence[str], seeds: Sequence
             generators = [torch.Generator().manual_seed(int(s)) for s in chunk_seeds]
             noise = torch.stack([initial_noise(shape, s, g) for s, g in zip(chunk_seeds, generators)])
             cond = backbone.collate([embeddings[p] for p in chunk])
-            uncond = backbone.collate([embeddings[""]] * len(chunk))
+            uncond = backbone.collate([embeddings[negative if negative is not None else ""]] * len(chunk))
             latents = run_sampler(backbone, noise, cond, uncond, steps=steps, guidance=guidance,
                                   generator=generators)
             videos.append(backbone.decode(latents).float().cpu())

@@ -189,6 +189,11 @@ class EvalSpec(_Strict):
     guidance: Optional[float] = Field(None, ge=1, description="Guidance scale, as the backbone guides: two-pass "
                                       "classifier-free or embedded (default: the protocol's, else the backbone's).")
     batch_size: int = Field(8, gt=0)
+    baselines: list[Literal["negative_prompt"]] = Field(
+        default_factory=list, description="Inference-time methods generated from the same seeds beside the "
+        "eraser, so the report shows what the eraser adds: 'negative_prompt' samples the stock model (erasers "
+        "off) with concept.target as the negative prompt (backbones that guide in two passes). Each metric gets "
+        "a column per baseline.")
     num_frames: Optional[int] = Field(None, gt=0, description="Default: the protocol's, else training.num_frames.")
     height: Optional[int] = Field(None, gt=0, description="Default: the protocol's, else training.height.")
     width: Optional[int] = Field(None, gt=0, description="Default: the protocol's, else training.width.")

@@ -247,6 +247,30 @@ def test_eval_and_generate_with_several_erasers_and_scales(trained, second_erase
     assert "mean pixel change: 0.0000" in r.output
 
 
+def test_negative_prompting_baseline_sits_beside_the_eraser(trained, tmp_path):
+    """eval.baselines: [negative_prompt] -> every metric gets a negative_prompt column: the stock model with the
+    concept as the negative prompt, same seeds; generate --negative-prompt samples that way too."""
+    root, folder, spec = trained
+    r = runner.invoke(app, ["eval", str(spec), "--out", str(tmp_path / "np"), "--set", "eval.steps=2",
+                            "--set", "eval.baselines=[negative_prompt]"])
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "np/report.json").read_text())
+    assert data["settings"]["baselines"] == ["negative_prompt"]
+    assert set(data["summary"]["pixel_change"]) == {"before", "after", "negative_prompt", "n"}
+    assert data["summary"]["pixel_change"]["negative_prompt"] > 0  # the negative prompt changes the videos
+    assert all(set(row["baselines"]) == {"negative_prompt"} for row in data["rows"])
+    assert "| metric | before | after | negative_prompt | n |" in (tmp_path / "np/report.md").read_text()
+    assert "negative_prompt" in r.output
+    r = runner.invoke(app, ["eval", str(spec), "--out", str(tmp_path / "bad"), "--set", "eval.baselines=[safree]"])
+    assert r.exit_code == 2 and "eval.baselines" in r.output
+    # generate: the eraser at scale 0 with the concept as the negative prompt = negative prompting alone
+    r = runner.invoke(app, ["generate", str(spec), "--prompt", "a nude person", "--negative-prompt", "nudity",
+                            "--scale", "0", "--compare", "--steps", "2", "--out", str(tmp_path / "gen")])
+    assert r.exit_code == 0, r.output
+    change = float(r.output.split("mean pixel change:")[1].split()[0])
+    assert change > 0
+
+
 def test_eval_without_eval_section_is_a_clear_error(trained, tmp_path):
     root, folder, spec = trained
     text = spec.read_text().split("eval:")[0].replace("dir: run", f"dir: {root / 'run'}")

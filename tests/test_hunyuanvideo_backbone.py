@@ -108,6 +108,7 @@ def test_plugin_registers_with_options_and_presets(tiny_folder):
     bb = comp.build({"model_path": str(tiny_folder), "dtype": "float32"})
     assert bb.name == "hunyuanvideo" and bb.transformer is None  # nothing heavy before load()
     assert bb.config["num_layers"] == 1 and bb.config["num_single_layers"] == 2 and bb.config["guidance_embeds"]
+    assert not bb.negative_prompting  # guidance-distilled: one pass, no negative branch for negative prompting
     assert (bb.vae_scale_temporal, bb.vae_scale_spatial) == (4, 8)
     assert bb.crop_start == 95  # the default template's
     assert isinstance(bb, Backbone)
@@ -220,6 +221,31 @@ def test_concept_token_mask(loaded):
     real = conds["a dog in a park"].mask.bool()
     assert fallback.sum() == real.sum() - 1 and torch.equal(fallback, real & (torch.arange(TEXT_LEN) < real.sum() - 1))
     assert not picked("", "nudity").any()
+
+
+def test_concept_token_mask_matches_whole_words_only(loaded):
+    """"red" marks the token of the word red, not the "re"/"d" pieces of hundred / covered / reddish; any case;
+    multi-word concepts with any whitespace between the words; no whole-word hit: the fallback."""
+    bb, _ = loaded
+
+    def spelled(prompt, mask):  # the formatted text the masked tokens cover, first to last, stripped
+        enc = bb._llama_inputs([prompt], return_offsets_mapping=True)
+        offsets = enc["offset_mapping"][0, bb.crop_start:][mask].tolist()
+        return bb.template.format(prompt)[min(a for a, _ in offsets):max(b for _, b in offsets)].strip()
+
+    for prompt in ("a hundred red cars", "a car covered in red", "red hundred"):
+        m = bb.concept_token_mask(prompt, "red")
+        assert 0 < m.sum() < bb.concept_token_mask(prompt, "nudity").sum() and spelled(prompt, m) == "red", prompt
+    up = bb.concept_token_mask("a Red car", "red")
+    assert spelled("a Red car", up) == "Red" and torch.equal(bb.concept_token_mask("a Red car", "RED"), up)
+    assert bb.concept_token_mask("a red and a hundred red", "red").sum() == 2
+    for prompt in ("a reddish car", "a hundred cars"):  # no whole-word "red": every real token of the prompt
+        assert torch.equal(bb.concept_token_mask(prompt, "red"), bb.concept_token_mask(prompt, "nudity")), prompt
+    for prompt in ("a van gogh painting", "a Van  Gogh painting"):
+        vg = bb.concept_token_mask(prompt, "van gogh")
+        assert " ".join(spelled(prompt, vg).lower().split()) == "van gogh", prompt
+    assert torch.equal(bb.concept_token_mask("a vangogh tree", "van gogh"),
+                       bb.concept_token_mask("a vangogh tree", "nudity"))
 
 
 # -- latents and scheduler maths -------------------------------------------------------------------------
@@ -360,7 +386,7 @@ def test_guided_sampler_equals_pipeline_distilled(loaded, pipe):
 def test_guided_true_cfg_equals_pipeline(cfg_folder):
     bb = make(cfg_folder)
     bb.load("cpu")
-    assert not bb.distilled
+    assert not bb.distilled and bb.negative_prompting  # true CFG: uncond is the negative branch
     conds = bb.encode_prompts(["", PROMPT])
     cond, uncond = bb.collate([conds[PROMPT]]), bb.collate([conds[""]])
     steps, scale, x0 = 3, 5.0, noise(1, 8)

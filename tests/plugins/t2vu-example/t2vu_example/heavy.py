@@ -201,6 +201,7 @@ class Backbone:
     name = "example_backbone"
     transformer_sites = staticmethod(transformer_sites)
     upstream = None  # no upstream T2VUnlearning release for this model
+    negative_prompting = True  # two-pass CFG: guided()'s uncond is the negative branch
 
     def __init__(self, options):
         self.options = options
