@@ -27,7 +27,7 @@ def read_json(path: Path, where: str) -> dict:
         raise T2VUError(f"backbone.model_path: cannot read {where} ({exc})") from None
 
 
-def load_frozen_transformer(cls, path: Path, dtype, device):
-    """``cls.from_pretrained(path/transformer)`` in ``dtype`` on ``device``, frozen (no gradients, eval mode)."""
-    transformer = cls.from_pretrained(path, subfolder="transformer", torch_dtype=dtype)
+def load_frozen_transformer(cls, path: Path, dtype, device, subfolder: str = "transformer"):
+    """``cls.from_pretrained(path/subfolder)`` in ``dtype`` on ``device``, frozen (no gradients, eval mode)."""
+    transformer = cls.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype)
     return transformer.requires_grad_(False).eval().to(device)

@@ -1,4 +1,4 @@
-"""Built-in backbone plugin: Wan 2.1 text-to-video (1.3B, 14B) from a local diffusers folder.
+"""Built-in backbone plugin: Wan 2.1 (1.3B, 14B) and Wan 2.2 A14B text-to-video from a local diffusers folder.
 
 Registration and options only; the implementation (torch, diffusers) lives in
 :mod:`t2vu.backbones.wan_model` and is imported when a run builds it.
@@ -25,21 +25,31 @@ REQUIRED = ("model_index.json", "transformer/config.json", "scheduler/scheduler_
 PIPELINE_CLASS = "WanPipeline"
 TRANSFORMER_CLASS = "WanTransformer3DModel"
 SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler")
-WAN22_REASON = ("Wan 2.2 A14B (two experts: transformer for high noise, transformer_2 for low noise, switched at "
-                "boundary_ratio) is not supported yet: an eraser would have to be trained for both experts")
+#: the two experts of a Wan 2.2 A14B folder: ``transformer`` serves t >= boundary_ratio * 1000, ``transformer_2``
+#: the rest
+EXPERTS = ("transformer", "transformer_2")
 
 
-def site_names(config: dict) -> list[SiteName]:
+def two_experts(index: dict) -> bool:
+    """The folder's pipeline has a second expert (Wan 2.2 A14B: ``transformer_2`` and ``boundary_ratio``)."""
+    two = index.get("transformer_2")
+    return isinstance(two, (list, tuple)) and any(two)
+
+
+def site_names(config: dict, experts: bool = False) -> list[SiteName]:
     """The eraser sites of a Wan transformer with this config (what ``transformer_sites`` finds once it is
     loaded): each block's self-attention (``blocks.<i>.attn1``) and cross-attention (``blocks.<i>.attn2``)
-    video output."""
+    video output. With ``experts`` (Wan 2.2 A14B) every site twice, ``transformer.blocks.<i>.attn2`` and
+    ``transformer_2.blocks.<i>.attn2``, both of the attention module ``blocks.<i>.attn2`` (what ``eraser.sites``
+    patterns and localization name)."""
     from t2vu.core.preflight import SiteName
 
     sites = []
-    for i in range(int(config.get("num_layers", 0) or 0)):
-        for attn in ("attn1", "attn2"):
-            name = f"blocks.{i}.{attn}"
-            sites.append(SiteName(name, name, "video"))
+    for prefix in ([f"{e}." for e in EXPERTS] if experts else [""]):
+        for i in range(int(config.get("num_layers", 0) or 0)):
+            for attn in ("attn1", "attn2"):
+                name = f"blocks.{i}.{attn}"
+                sites.append(SiteName(prefix + name, name, "video"))
     return sites
 
 
@@ -52,9 +62,12 @@ def folder_problem(path: Path, index: dict, cfg: dict, sched: dict, hint: str) -
                 else "not a Wan pipeline")
         return (f"{path} holds a {kind or 'pipeline without _class_name'!r}, {what}; the wan backbone needs a "
                 f"text-to-video {PIPELINE_CLASS} folder, e.g. {hint}")
-    two = index.get("transformer_2")
-    if index.get("boundary_ratio") is not None or (isinstance(two, (list, tuple)) and any(two)):
-        return f"{path} is a two-expert pipeline. {WAN22_REASON}. Use a Wan 2.1 folder, e.g. {hint}"
+    if two_experts(index) != (index.get("boundary_ratio") is not None):
+        has = "transformer_2 but no boundary_ratio" if two_experts(index) else "a boundary_ratio but no transformer_2"
+        return (f"{path}/model_index.json has {has}; a two-expert (Wan 2.2 A14B) folder needs both, as "
+                "WanPipeline.save_pretrained writes them")
+    if two_experts(index) and not (path / "transformer_2" / "config.json").is_file():
+        return f"{path} names a second expert but has no transformer_2/config.json; download the whole model"
     if index.get("expand_timesteps"):
         return (f"{path} is a Wan 2.2 TI2V pipeline (expand_timesteps: per-token timesteps), which the wan backbone "
                 f"does not drive yet; use a Wan 2.1 folder, e.g. {hint}")
@@ -92,14 +105,34 @@ def check_folder(path: Path, facts: ModelFacts, decode: bool, hint: str = DOWNLO
     if problem is not None:
         facts.problem(setting, problem)
         return None
-    for sub in ("transformer", "text_encoder") + (("vae",) if decode else ()):
+    experts = EXPERTS[1:] if two_experts(index) else ()
+    for sub in ("transformer", *experts, "text_encoder") + (("vae",) if decode else ()):
         check_weights(path / sub, setting, facts)
+    if experts:
+        from t2vu.core.preflight import read_json
+
+        second = read_json(path / "transformer_2" / "config.json", setting, facts)
+        if second is not None and _public(second) != _public(cfg):
+            facts.problem(setting, f"{path}/transformer_2 has another architecture than {path}/transformer; the two "
+                                   "experts of a Wan 2.2 A14B folder share one config")
+            return None
     return cfg
 
 
+def _public(config: dict) -> dict:
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def experts_config(first: dict, second: dict, boundary_ratio: float) -> dict:
+    """The config a two-expert model is known by (hashed into its eraser files): both experts' configs (without
+    the ``_`` keys, which differ between diffusers versions) and the boundary."""
+    return {"transformer": _public(first), "transformer_2": _public(second), "boundary_ratio": float(boundary_ratio)}
+
+
 class WanOptions(BackboneOptions):
-    """A Wan 2.1 text-to-video model folder in diffusers format (``WanPipeline.save_pretrained``, e.g.
-    ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers`` or ``Wan-AI/Wan2.1-T2V-14B-Diffusers``)."""
+    """A Wan text-to-video model folder in diffusers format (``WanPipeline.save_pretrained``): Wan 2.1
+    (``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``, ``Wan-AI/Wan2.1-T2V-14B-Diffusers``) or Wan 2.2 A14B
+    (``Wan-AI/Wan2.2-T2V-A14B-Diffusers``: two experts, both erased, one eraser file)."""
 
     #: the pipeline's documented example clip: 81 frames of 480x832, 50 steps, CFG 5, 16 fps
     defaults: ClassVar[VideoDefaults] = VideoDefaults(num_frames=81, height=480, width=832, steps=50,
@@ -121,6 +154,10 @@ class WanOptions(BackboneOptions):
         "", description="The negative prompt of the classifier-free guidance branch when sampling (generate, eval "
         "and training trajectories); WanPipeline's default is the empty prompt. Training's unconditional "
         "prediction v*(x_t, empty) stays the empty prompt whatever this is (docs/backbones.md).")
+    guidance_2: Optional[float] = Field(
+        None, ge=1, description="Wan 2.2 A14B: the guidance scale of the low-noise expert (transformer_2), "
+        "WanPipeline's guidance_scale_2, in generate, eval and training trajectories; default: the same scale as "
+        "the high-noise expert. The released A14B examples sample with 4 and 3.")
 
     def preflight(self, clips: Sequence[Clip], decode: bool = False) -> ModelFacts:
         """The folder (configs, weights headers, ``vae/`` when ``decode``), and each clip: ``4k+1`` frames (the
@@ -141,7 +178,15 @@ class WanOptions(BackboneOptions):
             frames_rule(clip, temporal, "Wan", f"its VAE compresses {temporal} frames into one after the first",
                         facts)
             size_rule(clip, spatial * int(patch[1]), "Wan", f"VAE {spatial}x, patch {patch[1]}", facts)
-        facts.sites, facts.config = site_names(cfg), cfg
+        from t2vu.core.preflight import read_json
+
+        index = read_json(path / "model_index.json", "backbone.model_path", facts) or {}
+        if two_experts(index):
+            second = read_json(path / "transformer_2" / "config.json", "backbone.model_path", facts) or {}
+            facts.sites, facts.experts = site_names(cfg, experts=True), len(EXPERTS)
+            facts.config = experts_config(cfg, second, index["boundary_ratio"])
+        else:
+            facts.sites, facts.config = site_names(cfg), cfg
         return facts
 
 

@@ -1,4 +1,4 @@
-"""Wan 2.1 backbone implementation (torch + diffusers; imported only to run).
+"""Wan 2.1 / 2.2 A14B backbone implementation (torch + diffusers; imported only to run).
 
 What a run sees, following ``WanPipeline`` (diffusers) step by step:
 
@@ -11,7 +11,12 @@ What a run sees, following ``WanPipeline`` (diffusers) step by step:
 - guidance: classic two-pass CFG, ``v_neg + scale (v_c - v_neg)``, the negative branch on
   ``options.negative_prompt`` (the pipeline's default: the empty prompt);
 - the text enters every block through its cross-attention ``attn2`` (video queries, text keys, no mask: the
-  zero-padded positions are keys too, as in the pipeline); ``attn1`` is video self-attention.
+  zero-padded positions are keys too, as in the pipeline); ``attn1`` is video self-attention;
+- Wan 2.2 A14B: two experts of one architecture, ``transformer`` for the timesteps ``t >= boundary_ratio * 1000``
+  (high noise) and ``transformer_2`` below (low noise, guided at ``options.guidance_2`` when set, the pipeline's
+  ``guidance_scale_2``). Every site exists once per expert (``transformer.blocks.<i>.attn2``,
+  ``transformer_2.blocks.<i>.attn2``), so one eraser file holds both experts' erasers; each forward runs the
+  expert of its timestep, so each expert's erasers learn on the timesteps it serves.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from torch import nn
 
 from t2vu.backbones._folders import component_class, load_frozen_transformer
 from t2vu.backbones._folders import read_json as _read_json
-from t2vu.backbones.wan import DOWNLOAD_HINT, REQUIRED, folder_problem
+from t2vu.backbones.wan import DOWNLOAD_HINT, EXPERTS, REQUIRED, experts_config, folder_problem, two_experts
 from t2vu.core.errors import T2VUError
 from t2vu.core.protocols import Guided
 from t2vu.core.text import concept_spans, overlapping
@@ -41,16 +46,54 @@ ENCODE_BATCH = 8
 CAPTURE_BUDGET = 1 << 25
 
 
+class Experts(nn.Module):
+    """Wan 2.2 A14B's two experts as the one module erasers attach to: ``transformer`` (high noise) and
+    ``transformer_2`` (low noise), switched at ``boundary_ratio``. Holds the pipeline's own modules (nothing is
+    copied); ``config`` is what eraser files record (:func:`t2vu.backbones.wan.experts_config`)."""
+
+    def __init__(self, transformer: nn.Module, transformer_2: nn.Module, boundary_ratio: float):
+        super().__init__()
+        self.transformer, self.transformer_2 = transformer, transformer_2
+        self.boundary_ratio = float(boundary_ratio)
+        self.config = experts_config(dict(transformer.config), dict(transformer_2.config), boundary_ratio)
+
+    @property
+    def experts(self) -> list[nn.Module]:
+        """Every transformer that runs (``load_eraser`` follows their devices)."""
+        return [self.transformer, self.transformer_2]
+
+
 def transformer_sites(transformer: nn.Module) -> list[Site]:
     """Eraser sites of a Wan transformer, two per block, both the attention's video output ``[B, N_video, dim]``
     (stream ``video``, named like the module): the self-attention ``blocks.<i>.attn1`` and the cross-attention
-    ``blocks.<i>.attn2`` (where the text enters). Widths come from the loaded ``to_out`` projections."""
+    ``blocks.<i>.attn2`` (where the text enters). Widths come from the loaded ``to_out`` projections. On
+    :class:`Experts` each expert's sites, prefixed ``transformer.`` / ``transformer_2.``, with the unprefixed
+    attention name (``eraser.sites`` patterns and localization address both experts' module alike)."""
+    if isinstance(transformer, Experts):
+        return [Site(f"{prefix}.{s.name}", s.module, s.dim, s.attention, s.stream)
+                for prefix in EXPERTS for s in transformer_sites(getattr(transformer, prefix))]
     sites = []
     for i, block in enumerate(transformer.blocks):
         for attn_name in ("attn1", "attn2"):
             attn, name = getattr(block, attn_name), f"blocks.{i}.{attn_name}"
             sites.append(Site(name=name, module=attn, dim=attn.to_out[0].out_features, attention=name))
     return sites
+
+
+def transformer_of(pipe_or_transformer) -> nn.Module:
+    """What ``load_eraser`` attaches to: a two-expert ``WanPipeline``'s :class:`Experts`, else the pipeline's
+    ``transformer`` (or the module given)."""
+    if isinstance(pipe_or_transformer, Experts):
+        return pipe_or_transformer
+    second = getattr(pipe_or_transformer, "transformer_2", None)
+    if second is not None:
+        ratio = getattr(getattr(pipe_or_transformer, "config", None), "boundary_ratio", None)
+        if ratio is None:
+            raise T2VUError("this WanPipeline has a transformer_2 but no boundary_ratio, so it never runs it; "
+                            "an eraser for it cannot be used")
+        return Experts(pipe_or_transformer.transformer, second, ratio)
+    transformer = getattr(pipe_or_transformer, "transformer", None)
+    return transformer if isinstance(transformer, nn.Module) else pipe_or_transformer
 
 
 def check_model_folder(path: Path) -> tuple[dict, dict]:
@@ -179,6 +222,8 @@ class WanBackbone:
     name = "wan"
     #: where erasers attach on a loaded transformer (load_eraser asks the backbone class)
     transformer_sites = staticmethod(transformer_sites)
+    #: the module of a stock pipeline erasers attach to (both experts of Wan 2.2 A14B)
+    transformer_of = staticmethod(transformer_of)
     #: the upstream T2VUnlearning release has no Wan erasers
     upstream = None
 
@@ -186,6 +231,8 @@ class WanBackbone:
         self.options = options
         self.path = Path(options.model_path)
         self.config, self.scheduler_config = check_model_folder(self.path)
+        #: one transformer's config (the architecture; both experts of Wan 2.2 A14B share it)
+        self.arch = dict(self.config)
         self.dtype = _DTYPES[options.dtype]
         self.transformer = None
         self.scheduler = None
@@ -196,6 +243,14 @@ class WanBackbone:
         self._negative: Optional[WanCondition] = None
         self._captures: list[_CaptureProcessor] = []
         self.index = _read_json(self.path / "model_index.json", f"{self.path}/model_index.json")
+        #: Wan 2.2 A14B: the timestep below which ``transformer_2`` (low noise) runs; ``None`` for one transformer
+        self.boundary: Optional[float] = None
+        if two_experts(self.index):
+            self.boundary = float(self.index["boundary_ratio"]) * int(self.scheduler_config.get(
+                "num_train_timesteps", 1000))
+            second = _read_json(self.path / "transformer_2/config.json", f"{self.path}/transformer_2/config.json")
+            self.config = experts_config(self.config, second, self.index["boundary_ratio"])
+        self.experts: list[nn.Module] = []
         vae_cfg_path = self.path / "vae" / "config.json"
         vae_cfg = _read_json(vae_cfg_path, str(vae_cfg_path)) if vae_cfg_path.exists() else {}
         self.vae_scale_temporal = int(vae_cfg.get("scale_factor_temporal", 4) or 4)
@@ -207,16 +262,45 @@ class WanBackbone:
         from diffusers import WanTransformer3DModel
 
         self.device = torch.device(device or getattr(self.options, "device", None) or "cpu")
-        self.transformer = load_frozen_transformer(WanTransformer3DModel, self.path, self.dtype, self.device)
+        first = load_frozen_transformer(WanTransformer3DModel, self.path, self.dtype, self.device)
+        if self.boundary is None:
+            self.transformer, self.experts = first, [first]
+        else:
+            second = load_frozen_transformer(WanTransformer3DModel, self.path, self.dtype, self.device,
+                                             subfolder="transformer_2")
+            self.transformer = Experts(first, second, self.index["boundary_ratio"])
+            self.experts = [first, second]
         self.config = dict(self.transformer.config)
+        self.arch = dict(first.config)
         cls = getattr(diffusers, self.scheduler_config.get("_class_name", "UniPCMultistepScheduler"))
         self.scheduler = cls.from_pretrained(self.path, subfolder="scheduler")
 
     def enable_gradient_checkpointing(self) -> None:
-        self.transformer.enable_gradient_checkpointing()
+        for expert in self.experts:
+            expert.enable_gradient_checkpointing()
 
     def sites(self) -> list[Site]:
         return transformer_sites(self.transformer)
+
+    @property
+    def expert_count(self) -> int:
+        """Transformers a forward chooses from by timestep (2 for Wan 2.2 A14B): a step runs one, so the other's
+        erasers get no gradient in it."""
+        return 1 if self.boundary is None else 2
+
+    def expert(self, t: torch.Tensor) -> nn.Module:
+        """The transformer that serves timesteps ``t`` ``[B]`` (Wan 2.2 A14B: all of them on one side of the
+        boundary, as the pipeline's steps and this backbone's training timesteps are)."""
+        if self.boundary is None:
+            return self.experts[0]
+        high = t.float() >= self.boundary
+        if high.all():
+            return self.experts[0]
+        if not high.any():
+            return self.experts[1]
+        raise T2VUError("a batch mixes timesteps of both Wan 2.2 experts (t >= and < the boundary "
+                        f"{self.boundary:g}); each forward runs one expert: give it timesteps of one side (training "
+                        "does: use training.states: noise)")
 
     # -- text --------------------------------------------------------------------
     def tokenizer(self):
@@ -308,7 +392,7 @@ class WanBackbone:
     # -- latents and scheduler maths -------------------------------------------------
     @property
     def patch_size(self) -> tuple[int, int, int]:
-        p = self.config.get("patch_size", (1, 2, 2))
+        p = self.arch.get("patch_size", (1, 2, 2))
         return int(p[0]), int(p[1]), int(p[2])
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
@@ -330,7 +414,7 @@ class WanBackbone:
         if frames % p_t:
             raise T2VUError(f"Wan with temporal patch {p_t} needs a multiple of {p_t} latent frames; {num_frames} "
                             f"frames give {frames}")
-        return int(self.config["in_channels"]), frames, height // s, width // s
+        return int(self.arch["in_channels"]), frames, height // s, width // s
 
     def token_grid(self, latent_shape) -> tuple[int, int]:
         """(frames, tokens per frame) of the video tokens (patchified ``[C, F, h, w]``, frame-major)."""
@@ -352,9 +436,20 @@ class WanBackbone:
 
     def sample_timesteps(self, n: int, generator=None) -> torch.Tensor:
         """``[n]`` timesteps ``1000 sigma`` with ``sigma = shift u / (1 + (shift - 1) u)``, ``u ~ U(0, 1)``: the
-        scheduler's own shift applied to uniform times, as the sampler's sigmas are (CPU, fp32)."""
-        u = torch.rand(n, generator=generator, dtype=torch.float32)
+        scheduler's own shift applied to uniform times, as the sampler's sigmas are (CPU, fp32).
+
+        Wan 2.2 A14B: one expert per call, the high-noise one with the probability of its share of ``u``, then
+        the ``n`` times uniform within its share: each timestep still has the distribution above, and a training
+        step's rows all go to one expert (which trains that expert's erasers)."""
         s = self.shift
+        if self.boundary is None:
+            u = torch.rand(n, generator=generator, dtype=torch.float32)
+        else:
+            sigma_b = self.boundary / self.num_train_timesteps
+            u_b = sigma_b / (s - (s - 1) * sigma_b)  # the u whose shifted sigma is the boundary
+            high = bool(torch.rand(1, generator=generator).item() >= u_b)
+            r = torch.rand(n, generator=generator, dtype=torch.float32)
+            u = u_b + (1 - u_b) * r if high else u_b * r
         return s * u / (1 + (s - 1) * u) * self.num_train_timesteps
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -374,8 +469,8 @@ class WanBackbone:
         self.forward_calls += 1
         for capture in self._captures:
             capture.real = cond.real().to(self.device)
-        out = self.transformer(hidden_states=x_t.to(self.device, self.dtype), timestep=t.to(self.device),
-                               encoder_hidden_states=cond.embeds.to(self.device, self.dtype), return_dict=False)[0]
+        out = self.expert(t)(hidden_states=x_t.to(self.device, self.dtype), timestep=t.to(self.device),
+                             encoder_hidden_states=cond.embeds.to(self.device, self.dtype), return_dict=False)[0]
         return out.float()
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: WanCondition) -> torch.Tensor:
@@ -389,6 +484,8 @@ class WanBackbone:
         forward (the pipeline runs the two passes one after the other; at ``scale <= 1`` it runs the conditional
         pass alone, and so does this). The negative branch is ``options.negative_prompt`` when set (then its
         prediction is not ``predict(uncond)``'s and is not offered as a teacher value), else ``uncond``."""
+        if self.boundary is not None and self.options.guidance_2 is not None and float(t.max()) < self.boundary:
+            scale = self.options.guidance_2  # the low-noise expert's scale (the pipeline's guidance_scale_2)
         if scale <= 1:
             pred = self.predict(x_t, t, cond)
             return Guided(pred, {"cond": pred})
@@ -404,7 +501,7 @@ class WanBackbone:
     # -- attention (localization) ------------------------------------------------------------
     def attention_modules(self) -> list[str]:
         """The cross-attention modules (where video reads text): ``blocks.<i>.attn2``."""
-        return [f"blocks.{i}.attn2" for i in range(len(self.transformer.blocks))]
+        return [f"blocks.{i}.attn2" for i in range(len(self.experts[0].blocks))]
 
     @contextlib.contextmanager
     def capture_attention(self, token_masks: torch.Tensor, modules: Optional[Sequence[str]] = None,
@@ -430,11 +527,12 @@ class WanBackbone:
         saved = []
         try:
             for cross, asked in by_cross.items():
-                attn = self.transformer.get_submodule(cross)
-                saved.append((attn, attn.processor))
-                capture = _CaptureProcessor(attn.processor, store, asked, masks)
-                self._captures.append(capture)
-                attn.processor = capture
+                for expert in self.experts:  # the one of each forward's timesteps records
+                    attn = expert.get_submodule(cross)
+                    saved.append((attn, attn.processor))
+                    capture = _CaptureProcessor(attn.processor, store, asked, masks)
+                    self._captures.append(capture)
+                    attn.processor = capture
             yield store
         finally:
             for attn, proc in saved:

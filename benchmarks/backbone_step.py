@@ -9,7 +9,8 @@ the same run the plain passes the iteration is made of: a no-grad forward with a
 and a forward+backward through the adapters with as many rows as the erased pass. Prints a table, writes JSON.
 
     python benchmarks/backbone_step.py --tiny      # CPU: tiny configs (what CI can run), seconds only
-    python benchmarks/backbone_step.py             # GPU: CogVideoX-5B 49x480x720, HunyuanVideo-13B 33x320x512
+    python benchmarks/backbone_step.py             # GPU: CogVideoX-5B 49x480x720, HunyuanVideo-13B 33x320x512,
+                                                   #      Wan2.1-14B and Wan2.2-A14B (both experts) 81x480x832
     python benchmarks/backbone_step.py --cases hunyuanvideo-61x544x960
 
 Numbers are only as good as the machine they come from: RESULTS.md says which were measured where.
@@ -43,15 +44,29 @@ HUNYUAN_13B: dict = {}  # HunyuanVideoTransformer3DModel's defaults are HunyuanV
 HUNYUAN_TINY = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
                     num_single_layers=2, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
                     guidance_embeds=True, text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 2, 4))
-#: name -> (backbone, transformer config, text width(s), frames, height, width, VAE config)
+#: Wan2.1-T2V-14B's transformer (and each expert of Wan2.2-T2V-A14B)
+WAN_14B = dict(patch_size=[1, 2, 2], num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+               text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+               qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+WAN_TINY = dict(patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+#: Wan 2.2 A14B: the second expert (transformer_2, low noise) takes over below this share of the timesteps
+WAN22_BOUNDARY = 0.875
+#: name -> (backbone, transformer config, text width(s), frames, height, width, VAE config); backbone "wan22" is
+#: the wan backbone on a two-expert folder
 CASES = {
     "cogvideox-5b-49x480x720": ("cogvideox", COGVIDEOX_5B, (4096,), 49, 480, 720, (8, 4)),
     "hunyuanvideo-13b-33x320x512": ("hunyuanvideo", HUNYUAN_13B, (4096, 768), 33, 320, 512, (8, 4)),
     "hunyuanvideo-13b-61x544x960": ("hunyuanvideo", HUNYUAN_13B, (4096, 768), 61, 544, 960, (8, 4)),
+    "wan-2.1-14b-81x480x832": ("wan", WAN_14B, (4096,), 81, 480, 832, (8, 4)),
+    "wan-2.2-a14b-81x480x832": ("wan22", WAN_14B, (4096,), 81, 480, 832, (8, 4)),
 }
 TINY = {
     "cogvideox-tiny": ("cogvideox", COGVIDEOX_TINY, (32,), 9, 32, 32, (8, 4)),
     "hunyuanvideo-tiny": ("hunyuanvideo", HUNYUAN_TINY, (16, 8), 9, 32, 32, (8, 4)),
+    "wan-tiny": ("wan", WAN_TINY, (16,), 9, 32, 32, (8, 4)),
+    "wan22-tiny": ("wan22", WAN_TINY, (16,), 9, 32, 32, (8, 4)),
 }
 TEMPLATE = "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
 
@@ -82,6 +97,31 @@ def write_folder(path: Path, backbone: str, config: dict, widths: tuple, vae: tu
         cls, pipeline = "CogVideoXTransformer3DModel", "CogVideoXPipeline"
         (path / "vae" / "config.json").write_text(json.dumps(
             {"block_out_channels": [0] * (spatial.bit_length()), "temporal_compression_ratio": temporal}))
+    elif backbone in ("wan", "wan22"):
+        from diffusers import UniPCMultistepScheduler
+        from transformers import UMT5Config, UMT5EncoderModel
+
+        from tiny import make_tokenizer
+
+        tok = make_tokenizer()
+        tok.save_pretrained(path / "tokenizer")
+        UMT5EncoderModel(UMT5Config(vocab_size=len(tok) + 8, d_model=widths[0], d_kv=8, d_ff=32, num_layers=1,
+                                    num_heads=2, relative_attention_num_buckets=8, decoder_start_token_id=0,
+                                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                         ).save_pretrained(path / "text_encoder")
+        UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
+                                flow_shift=3.0).save_pretrained(path / "scheduler")
+        cls, pipeline = "WanTransformer3DModel", "WanPipeline"
+        (path / "vae" / "config.json").write_text(json.dumps(
+            {"scale_factor_spatial": spatial, "scale_factor_temporal": temporal}))
+        index = {"transformer": ["diffusers", cls]}
+        if backbone == "wan22":
+            (path / "transformer_2").mkdir()
+            (path / "transformer_2" / "config.json").write_text(json.dumps({"_class_name": cls, **config}))
+            index.update(transformer_2=["diffusers", cls], boundary_ratio=WAN22_BOUNDARY)
+        (path / "transformer" / "config.json").write_text(json.dumps({"_class_name": cls, **config}))
+        (path / "model_index.json").write_text(json.dumps({"_class_name": pipeline, **index}))
+        return
     else:
         from diffusers import FlowMatchEulerDiscreteScheduler
         from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
@@ -112,7 +152,7 @@ def write_folder(path: Path, backbone: str, config: dict, widths: tuple, vae: tu
 def random_transformers(device, dtype):
     """``from_pretrained`` of both transformer classes builds from the folder's config, random weights, on device."""
     import torch
-    from diffusers import CogVideoXTransformer3DModel, HunyuanVideoTransformer3DModel
+    from diffusers import CogVideoXTransformer3DModel, HunyuanVideoTransformer3DModel, WanTransformer3DModel
 
     saved = {}
 
@@ -129,7 +169,7 @@ def random_transformers(device, dtype):
             return model
         return classmethod(lambda c, *a, **k: from_pretrained(*a, **k))
 
-    for cls in (CogVideoXTransformer3DModel, HunyuanVideoTransformer3DModel):
+    for cls in (CogVideoXTransformer3DModel, HunyuanVideoTransformer3DModel, WanTransformer3DModel):
         saved[cls] = cls.__dict__.get("from_pretrained")
         cls.from_pretrained = build(cls)
     try:
@@ -145,6 +185,7 @@ def random_transformers(device, dtype):
 def spec_text(backbone: str, folder: Path, frames: int, height: int, width: int, steps: int, dtype: str,
               device: str, rank: int, out: Path) -> str:
     extra = f", prompt_template: {json.dumps(TEMPLATE)}" if backbone == "hunyuanvideo" else ""
+    backbone = "wan" if backbone == "wan22" else backbone
     return f"""\
 backbone: {{name: {backbone}, model_path: {folder}, dtype: {dtype}, device: {device}{extra}}}
 eraser: {{name: adapter, rank: {rank}}}
@@ -279,7 +320,8 @@ def main() -> int:
     torch.set_num_threads(1 if args.tiny or not torch.cuda.is_available() else torch.get_num_threads())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     table = TINY if args.tiny else CASES
-    names = args.cases or (list(table) if args.tiny else ["cogvideox-5b-49x480x720", "hunyuanvideo-13b-33x320x512"])
+    names = args.cases or (list(table) if args.tiny else ["cogvideox-5b-49x480x720", "hunyuanvideo-13b-33x320x512",
+                                                          "wan-2.1-14b-81x480x832", "wan-2.2-a14b-81x480x832"])
     steps, reps = args.steps or (3 if args.tiny else 5), args.reps or (1 if args.tiny else 3)
     rows = []
     for name in names:

@@ -129,9 +129,16 @@ def train(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict
     resumed = checkpoint.load(folder.resume_from[1]) if folder.resume_from else None
     if resumed is not None:
         _check_same_spec(resumed[1]["spec"], resolved, folder.resume_from[1])
+    if getattr(backbone, "expert_count", 1) > 1 and tr.states != "noise":
+        from t2vu.core.preflight import TRAJECTORY_EXPERTS
+
+        raise T2VUError(f"training.states: {tr.states}: {TRAJECTORY_EXPERTS}")
     device_opt = resolved.backbone.options.device
+    # some erasers get no gradient in a step: a stream held off (stream_start), or the experts a step does not run
+    # (a backbone with several transformers, e.g. Wan 2.2 A14B, says how many with ``expert_count``)
+    idle = bool(tr.stream_start) or getattr(backbone, "expert_count", 1) > 1
     accelerator = Accelerator(cpu=(device_opt == "cpu"), kwargs_handlers=[
-        DistributedDataParallelKwargs(find_unused_parameters=bool(tr.stream_start))])
+        DistributedDataParallelKwargs(find_unused_parameters=idle)])
     main = accelerator.is_main_process
     set_seed(tr.seed)
     device = torch.device(device_opt) if device_opt else accelerator.device

@@ -36,7 +36,9 @@ class EraserHandle:
         self.metadata = metadata
         self.path = path
         self._device = _device_of(erasers)
-        self._pre_hook = transformer.register_forward_pre_hook(self._follow_device, with_kwargs=True)
+        # a backbone whose pipeline runs several transformers (Wan 2.2's experts) gives a module with ``experts``
+        self._pre_hooks = [m.register_forward_pre_hook(self._follow_device, with_kwargs=True)
+                           for m in getattr(transformer, "experts", None) or [transformer]]
 
     @property
     def scale(self) -> float:
@@ -48,7 +50,7 @@ class EraserHandle:
 
     @property
     def attached(self) -> bool:
-        return self._pre_hook is not None
+        return bool(self._pre_hooks)
 
     def disabled(self):
         """Context manager: erasers off (stock outputs) inside the block."""
@@ -57,9 +59,9 @@ class EraserHandle:
     def remove(self) -> None:
         """Detach the erasers; the transformer computes exactly its stock outputs again."""
         self.erasers.detach()
-        if self._pre_hook is not None:
-            self._pre_hook.remove()
-            self._pre_hook = None
+        for hook in self._pre_hooks:
+            hook.remove()
+        self._pre_hooks = []
 
     def __enter__(self) -> "EraserHandle":
         return self
@@ -203,13 +205,16 @@ def load_eraser(pipe_or_transformer: Any, path: PathLike, scale: float = 1.0, *,
     from t2vu.plugins.adapter_model import AdapterEraserFactory
 
     path = Path(path)
-    transformer = _transformer_of(pipe_or_transformer)
+    _transformer_of(pipe_or_transformer)  # a clear error for what is neither a pipeline nor a module, first
     erasers_file = read_eraser(path)
     meta = erasers_file.metadata
     if meta.get("eraser_type") != "adapter":
         raise T2VUError(f"{path}: eraser type {meta.get('eraser_type')!r} cannot be loaded by this t2vu "
                         f"(it loads 'adapter' erasers)")
-    sites = _sites_function(meta.get("backbone", ""))(transformer)
+    backbone = meta.get("backbone", "")
+    # the backbone says which module of the pipeline erasers attach to (default: its transformer)
+    transformer = getattr(backbone_implementation(backbone), "transformer_of", _transformer_of)(pipe_or_transformer)
+    sites = _sites_function(backbone)(transformer)
     if check_config:
         _check_config(meta, transformer, path)
     _check_sites(erasers_file, sites, path)

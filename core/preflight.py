@@ -71,12 +71,14 @@ class ModelFacts:
 
     ``problems``: ``(setting, message)`` pairs, the setting a spec path such as ``backbone.model_path`` or
     ``training.num_frames``; ``sites``: every eraser site of the model (``None``: not known without loading);
-    ``config``: the transformer config as eraser files record it (``None``: not known).
+    ``config``: the transformer config as eraser files record it (``None``: not known); ``experts``: how many
+    transformers the model's forwards choose from by timestep (Wan 2.2 A14B: 2).
     """
 
     problems: list[tuple[str, str]] = field(default_factory=list)
     sites: Optional[list[SiteName]] = None
     config: Optional[dict] = None
+    experts: int = 1
 
     def problem(self, setting: str, message: str) -> None:
         """Record a problem with ``setting`` (a spec path)."""
@@ -423,6 +425,12 @@ def _eraser_problems(resolved: ResolvedSpec, eraser: Path, facts: ModelFacts,
     return problems
 
 
+#: why trajectory states are refused on a model with several experts
+TRAJECTORY_EXPERTS = ("this model switches between expert transformers by timestep (Wan 2.2 A14B), and the states "
+                      "of a sampled trajectory straddle the switch, so one training step would need both experts; "
+                      "use training.states: noise (its timesteps are drawn for one expert per step)")
+
+
 def preflight(resolved: ResolvedSpec, command: str = "run", eraser: Union[Path, Sequence[Path], None] = None,
               eraser_setting: str = "--eraser") -> list[Problem]:
     """Every problem found before loading (see the module docstring), as spec problems with YAML lines.
@@ -445,6 +453,8 @@ def preflight(resolved: ResolvedSpec, command: str = "run", eraser: Union[Path, 
     found += [(parse_path(setting), message) for setting, message in facts.problems]
     if facts.sites is not None:
         found += _site_problems(resolved, facts.sites)
+    if facts.experts > 1 and command in ("validate", "run") and resolved.spec.training.states != "noise":
+        found.append((("training", "states"), TRAJECTORY_EXPERTS))
     for path in ([eraser] if isinstance(eraser, (str, Path)) else list(eraser or [])):
         found += _eraser_problems(resolved, Path(path), facts, eraser_setting)
     return _problems(resolved, found)

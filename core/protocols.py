@@ -115,6 +115,11 @@ class Backbone(Protocol):
     #: where erasers attach on a transformer: ``transformer_sites(transformer) -> list[Site]``. A staticmethod,
     #: so ``load_eraser`` can find sites on a stock diffusers pipeline without building the backbone.
     transformer_sites: ClassVar[Any]
+    #: optional: ``transformer_of(pipe_or_transformer) -> nn.Module``, the module of a stock pipeline erasers attach
+    #: to and ``transformer_sites`` reads, for pipelines that run more than one transformer (Wan 2.2 A14B's two
+    #: experts; the module then lists them in ``experts``). Default: ``pipe.transformer``.
+    #: optional: ``expert_count`` (default 1), how many transformers forwards choose from by timestep; with more
+    #: than one, a step's erasers of the others get no gradient (training tells DDP so).
     #: the upstream T2VUnlearning layout of this backbone's erasers (``t2vu.core.upstream.UpstreamLayout``),
     #: or ``None`` where upstream released none.
     upstream: ClassVar[Any]

@@ -101,9 +101,14 @@ def test_registration_options_and_folder_checks(tmp_path, folder):
     shutil.copytree(folder, two)
     index = json.loads((two / "model_index.json").read_text())
     (two / "model_index.json").write_text(json.dumps({**index, "boundary_ratio": 0.875}))
-    with pytest.raises(T2VUError, match="Wan 2.2 A14B .* not supported yet"):
+    # a boundary without a second expert (or the reverse) is not a pipeline WanPipeline writes
+    with pytest.raises(T2VUError, match="boundary_ratio but no transformer_2"):
         make(two)
-    assert "not supported yet" in str(WanOptions(model_path=str(two)).preflight([]).problems)
+    assert "no transformer_2" in str(WanOptions(model_path=str(two)).preflight([]).problems)
+    (two / "model_index.json").write_text(json.dumps({**index, "transformer_2": ["diffusers", "WanTransformer3DModel"],
+                                                      "boundary_ratio": 0.875}))
+    with pytest.raises(T2VUError, match="no transformer_2/config.json"):
+        make(two)
     (two / "model_index.json").write_text(json.dumps({**index, "_class_name": "WanImageToVideoPipeline"}))
     with pytest.raises(T2VUError, match="not text-to-video"):
         make(two)
