@@ -259,6 +259,49 @@ class CogVideoXBackbone:
             torch.cuda.empty_cache()
         return out
 
+    @torch.no_grad()
+    def safree_conditions(self, prompts: Sequence[str], keywords: Sequence[str], alpha: float,
+                          batch_size: int = 8) -> dict[str, tuple[torch.Tensor, list[int]]]:
+        """SAFREE's projected condition of each prompt (:mod:`t2vu.core.safree`) and its trigger positions.
+
+        Encoded as :meth:`encode_prompts` encodes (T5, padded to ``max_length``, no attention mask); a prompt's
+        pooled embedding is the encoder output at the first position, as SAFREE's CogVideoX pipeline pools; a
+        token is masked by the pad id. Loads the text encoder for this, then frees it."""
+        from transformers import T5EncoderModel
+
+        from t2vu.core.safree import projected_tokens
+
+        encoder = T5EncoderModel.from_pretrained(self.path / "text_encoder", torch_dtype=self.dtype)
+        encoder.requires_grad_(False).eval().to(self.device)
+        tok = self.tokenizer()
+        special = set(tok.all_special_ids)
+
+        def encode(ids: torch.Tensor) -> torch.Tensor:
+            return torch.cat([encoder(ids[i:i + batch_size].to(self.device))[0].to(self.dtype)
+                              for i in range(0, len(ids), batch_size)])
+
+        out: dict[str, tuple[torch.Tensor, list[int]]] = {}
+        try:
+            concept = encode(self._tokenize(list(keywords)).input_ids)[:, 0]
+            for prompt in dict.fromkeys(prompts):
+                enc = self._tokenize([prompt])
+                ids = enc.input_ids[0]
+                real = [i for i, (m, t) in enumerate(zip(enc.attention_mask[0].tolist(), ids.tolist()))
+                        if m and t not in special]
+                tokens = encode(ids[None])[0]
+                if len(real) < 2:
+                    out[prompt] = (tokens, [])
+                    continue
+                masked_ids = ids.repeat(len(real), 1)
+                masked_ids[torch.arange(len(real)), torch.tensor(real)] = tok.pad_token_id
+                out[prompt] = projected_tokens(tokens, real, encode(masked_ids)[:, 0], concept, alpha)
+        finally:
+            encoder = None  # frees it (the closure above holds the name only)
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        return out
+
     def concept_token_mask(self, prompt: str, concept: str) -> torch.Tensor:
         """The prompt's tokens whose character offsets overlap a whole-word, case-insensitive occurrence of
         ``concept`` (:func:`t2vu.core.text.concept_spans`: ``red`` is not in ``hundred``); never padding nor

@@ -41,6 +41,7 @@ class EvalResult:
     scores_before: dict[str, float] = field(default_factory=dict)  # attribute -> score (judges that score)
     scores_after: dict[str, float] = field(default_factory=dict)
     baselines: dict[str, dict[str, str]] = field(default_factory=dict)  # baseline -> attribute -> label
+    safree_triggers: Optional[list[int]] = None  # the safree baseline's projected token positions
 
 
 def rows_from_csv(path: Path, seeds: list[int], prompt_column: str = "prompt",
@@ -212,7 +213,11 @@ def evaluate(resolved: ResolvedSpec, eraser: Optional[Path] = None, console=None
 
     options = generation_options(resolved, ev.protocol)
     concept = resolved.spec.concept.target.strip()
+    keywords = list(ev.safree.keywords or [concept])
+    safree_negative = ", ".join(keywords) if ev.safree.negative_prompt else None
     extra = [concept] if "negative_prompt" in ev.baselines else []
+    if "safree" in ev.baselines and safree_negative is not None:
+        extra.append(safree_negative)
     backbone, handles, embeddings = load_for_generation(resolved, erasers, [r.prompt for r in rows] + extra,
                                                         options)
     kwargs = dict(num_frames=frames, height=height, width=width, steps=ev.steps, guidance=ev.guidance,
@@ -220,20 +225,31 @@ def evaluate(resolved: ResolvedSpec, eraser: Optional[Path] = None, console=None
     prompts, seeds = [r.prompt for r in rows], [r.seed for r in rows]
     before = generate(backbone, embeddings, prompts, seeds, disabled_erasers=handles, **kwargs)
     after = generate(backbone, embeddings, prompts, seeds, **kwargs)
-    baselines = {}
-    for name in ev.baselines:  # inference-time methods on the stock model, for comparison
-        if name == "negative_prompt":
-            if not backbone.negative_prompting:
-                for handle in handles:
-                    handle.remove()
-                raise T2VUError(f"eval.baselines: negative_prompt needs two-pass guidance with a free negative "
-                                f"branch, which this {resolved.backbone.name} model does not sample with "
-                                "(a guidance-distilled model guides in one pass; a fixed backbone.negative_prompt "
-                                "takes the branch); drop it from eval.baselines")
+    baselines, triggers = {}, {}
+    try:
+        for name in ev.baselines:  # inference-time methods on the stock model, for comparison
+            negative = concept if name == "negative_prompt" else safree_negative
+            if negative is not None and not backbone.negative_prompting:
+                raise T2VUError(f"eval.baselines: {name} guides with a negative prompt, which needs two-pass "
+                                f"guidance with a free negative branch; this {resolved.backbone.name} model does not "
+                                "sample with one (a guidance-distilled model guides in one pass; a fixed "
+                                "backbone.negative_prompt takes the branch)"
+                                + ("; set eval.safree.negative_prompt: false" if name == "safree" else
+                                   "; drop it from eval.baselines"))
+            early = None
+            if name == "safree":
+                project = getattr(backbone, "safree_conditions", None)
+                if project is None:
+                    raise T2VUError(f"eval.baselines: backbone {resolved.backbone.name!r} does not offer the safree "
+                                    "baseline (its condition has no SAFREE projection yet); drop it")
+                projected = project(list(dict.fromkeys(prompts)), keywords, ev.safree.alpha)
+                triggers = {p: found for p, (_, found) in projected.items()}
+                early = ({p: c for p, (c, _) in projected.items()}, round(ev.safree.filter_share * ev.steps))
             baselines[name] = generate(backbone, embeddings, prompts, seeds, disabled_erasers=handles,
-                                       negative=concept, **kwargs)
-    for handle in handles:
-        handle.remove()
+                                       negative=negative, early=early, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
 
     def judged(videos) -> list[EvalResult]:
         return _judge_all(rows, judges, before, videos)
@@ -252,7 +268,11 @@ def evaluate(resolved: ResolvedSpec, eraser: Optional[Path] = None, console=None
                 summary[metric][name] = value["after"]
         for r, o in zip(results, other):
             r.baselines[name] = o.after
+    for r in results:
+        if r.item.prompt in triggers:
+            r.safree_triggers = triggers[r.item.prompt]
     settings = {"backbone": resolved.backbone.name, "protocol": ev.protocol, "baselines": list(ev.baselines),
+                **({"safree": ev.safree.model_dump(mode="json")} if "safree" in ev.baselines else {}),
                 "backbone_options": options.model_dump(mode="json"), "num_frames": frames, "height": height, "width": width,
                 "steps": ev.steps, "guidance": ev.guidance, "seeds": ev.seeds, "batch_size": ev.batch_size,
                 "judges": [j.to_dict() for j in resolved.judges],
@@ -302,7 +322,8 @@ def write_report(resolved, erasers: list[dict], results, summary, before, after,
         "rows": [{**asdict(r.item), "before": r.before, "after": r.after, "pixel_change": r.pixel_change,
                   **({"counts_before": r.counts_before, "counts_after": r.counts_after} if r.counts_before else {}),
                   **({"scores_before": r.scores_before, "scores_after": r.scores_after} if r.scores_before else {}),
-                  **({"baselines": r.baselines} if r.baselines else {})}
+                  **({"baselines": r.baselines} if r.baselines else {}),
+                  **({"safree_triggers": r.safree_triggers} if r.safree_triggers is not None else {})}
                  for r in results],
     }
     report = json.loads(json.dumps(report, default=str))

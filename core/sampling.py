@@ -22,7 +22,8 @@ def initial_noise(shape: Sequence[int], seed: int, generator: Optional[torch.Gen
 
 @torch.no_grad()
 def run_sampler(backbone, noise: torch.Tensor, cond, uncond, *, steps: int, guidance: float,
-                depth: Optional[int] = None, visit: Optional[Callable] = None, generator=None) -> torch.Tensor:
+                depth: Optional[int] = None, visit: Optional[Callable] = None, generator=None,
+                early: Optional[tuple] = None) -> torch.Tensor:
     """The one trajectory generator (``generate``, ``eval`` and training states all sample through it).
 
     From ``noise`` ``[B, *latent]``, step the backbone's own sampler (:meth:`Backbone.sampler`) with its guided
@@ -30,7 +31,8 @@ def run_sampler(backbone, noise: torch.Tensor, cond, uncond, *, steps: int, guid
     batched conditions ``cond`` / ``uncond``, at the sampler's guidance scale for each step
     (:meth:`Sampler.guidance_scale`). ``visit(t, x, guided)`` sees every state before its step; ``depth`` stops
     after that many steps; ``generator`` (one, or one per row) is what drew ``noise`` and feeds a stochastic
-    sampler's step noise. Returns the latents where it stopped (clean ones after the last step).
+    sampler's step noise; ``early`` ``(condition, n)``: the first ``n`` steps condition on that instead of ``cond``
+    (SAFREE's filtered prompt). Returns the latents where it stopped (clean ones after the last step).
     """
     x = noise.to(backbone.device)
     sampler = backbone.sampler(steps, generator=generator)
@@ -38,7 +40,8 @@ def run_sampler(backbone, noise: torch.Tensor, cond, uncond, *, steps: int, guid
     for i, t in enumerate(sampler.timesteps):
         if depth is not None and i >= depth:
             break
-        out = backbone.guided(x, t.repeat(b), cond, uncond, sampler.guidance_scale(guidance, t))
+        now = early[0] if early is not None and i < early[1] else cond
+        out = backbone.guided(x, t.repeat(b), now, uncond, sampler.guidance_scale(guidance, t))
         if visit is not None:
             visit(t, x, out)
         x = sampler.step(out.prediction, t, x)
@@ -48,7 +51,7 @@ def run_sampler(backbone, noise: torch.Tensor, cond, uncond, *, steps: int, guid
 @torch.no_grad()
 def generate(backbone, embeddings: dict, prompts: Sequence[str], seeds: Sequence[int], *, num_frames: int,
              height: int, width: int, steps: int, guidance: float, disabled_erasers=None, batch_size: int = 8,
-             negative: Optional[str] = None) -> torch.Tensor:
+             negative: Optional[str] = None, early: Optional[tuple[dict, int]] = None) -> torch.Tensor:
     """Videos ``[B, F, 3, H, W]`` in [0, 1]; with ``disabled_erasers`` (an eraser set or handle, or a list of them:
     anything with ``disabled()``) those erasers are switched off.
 
@@ -56,7 +59,8 @@ def generate(backbone, embeddings: dict, prompts: Sequence[str], seeds: Sequence
     on the CPU, so a diffusers pipeline given that generator and the same settings makes the same video.
 
     ``embeddings`` maps each prompt (and ``""``) to its condition (:meth:`Backbone.encode_prompts`); ``negative``
-    (one of them) is the negative branch of a two-pass guidance instead of ``""`` (negative prompting).
+    (one of them) is the negative branch of a two-pass guidance instead of ``""`` (negative prompting); ``early``
+    ``(conditions, n)``: each prompt's condition in ``conditions`` for the first ``n`` sampler steps.
     """
     shape = backbone.latent_shape(num_frames, height, width)
     videos = []
@@ -73,8 +77,9 @@ def generate(backbone, embeddings: dict, prompts: Sequence[str], seeds: Sequence
             noise = torch.stack([initial_noise(shape, s, g) for s, g in zip(chunk_seeds, generators)])
             cond = backbone.collate([embeddings[p] for p in chunk])
             uncond = backbone.collate([embeddings[negative if negative is not None else ""]] * len(chunk))
+            first = (backbone.collate([early[0][p] for p in chunk]), early[1]) if early is not None else None
             latents = run_sampler(backbone, noise, cond, uncond, steps=steps, guidance=guidance,
-                                  generator=generators)
+                                  generator=generators, early=first)
             videos.append(backbone.decode(latents).float().cpu())
     return torch.cat(videos)
 

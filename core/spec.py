@@ -171,6 +171,22 @@ class OutputSpec(_Strict):
     overwrite: bool = Field(False, description="Replace an eraser already in dir.")
 
 
+class SafreeSpec(_Strict):
+    """``eval.safree``: the settings of the ``safree`` baseline (docs/evaluation.md)."""
+
+    keywords: Optional[list[str]] = Field(
+        None, min_length=1, description="Words or phrases that span the concept's subspace (for nudity e.g. "
+        "['nudity', 'naked', 'sexual acts']); default: [concept.target].")
+    alpha: float = Field(0.01, ge=0, description="Trigger threshold: a token is projected when masking it moves the "
+                         "prompt (1 + alpha) times further from the concept subspace than masking another token "
+                         "does on average. Higher: fewer tokens projected.")
+    filter_share: float = Field(0.26, ge=0, le=1, description="Share of the sampler steps, from the first, that use "
+                                "the projected prompt (SAFREE's CogVideoX pipeline: 13 of 50); the rest use the "
+                                "original prompt.")
+    negative_prompt: bool = Field(True, description="Also guide away from the keywords, joined with commas, as the "
+                                  "negative prompt (as SAFREE's video pipeline does; needs two-pass guidance).")
+
+
 class EvalSpec(_Strict):
     """``t2vu eval``: which prompts to generate, how, and which judges score them."""
 
@@ -189,11 +205,13 @@ class EvalSpec(_Strict):
     guidance: Optional[float] = Field(None, ge=1, description="Guidance scale, as the backbone guides: two-pass "
                                       "classifier-free or embedded (default: the protocol's, else the backbone's).")
     batch_size: int = Field(8, gt=0)
-    baselines: list[Literal["negative_prompt"]] = Field(
+    baselines: list[Literal["negative_prompt", "safree"]] = Field(
         default_factory=list, description="Inference-time methods generated from the same seeds beside the "
         "eraser, so the report shows what the eraser adds: 'negative_prompt' samples the stock model (erasers "
-        "off) with concept.target as the negative prompt (backbones that guide in two passes). Each metric gets "
-        "a column per baseline.")
+        "off) with concept.target as the negative prompt (backbones that guide in two passes); 'safree' samples "
+        "it with SAFREE's training-free prompt projection (settings in eval.safree; backbones that offer it). "
+        "Each metric gets a column per baseline.")
+    safree: SafreeSpec = Field(default_factory=SafreeSpec, description="Settings of the 'safree' baseline.")
     num_frames: Optional[int] = Field(None, gt=0, description="Default: the protocol's, else training.num_frames.")
     height: Optional[int] = Field(None, gt=0, description="Default: the protocol's, else training.height.")
     width: Optional[int] = Field(None, gt=0, description="Default: the protocol's, else training.width.")

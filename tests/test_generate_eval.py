@@ -261,7 +261,7 @@ def test_negative_prompting_baseline_sits_beside_the_eraser(trained, tmp_path):
     assert all(set(row["baselines"]) == {"negative_prompt"} for row in data["rows"])
     assert "| metric | before | after | negative_prompt | n |" in (tmp_path / "np/report.md").read_text()
     assert "negative_prompt" in r.output
-    r = runner.invoke(app, ["eval", str(spec), "--out", str(tmp_path / "bad"), "--set", "eval.baselines=[safree]"])
+    r = runner.invoke(app, ["eval", str(spec), "--out", str(tmp_path / "bad"), "--set", "eval.baselines=[sld]"])
     assert r.exit_code == 2 and "eval.baselines" in r.output
     # generate: the eraser at scale 0 with the concept as the negative prompt = negative prompting alone
     r = runner.invoke(app, ["generate", str(spec), "--prompt", "a nude person", "--negative-prompt", "nudity",
@@ -269,6 +269,31 @@ def test_negative_prompting_baseline_sits_beside_the_eraser(trained, tmp_path):
     assert r.exit_code == 0, r.output
     change = float(r.output.split("mean pixel change:")[1].split()[0])
     assert change > 0
+
+
+def test_safree_baseline_projects_the_trigger_tokens(trained, tmp_path):
+    """eval.baselines: [safree] -> a column beside the eraser, the projected token positions per row, and the
+    SAFREE settings in the report; the projected condition differs from the prompt's only at those positions."""
+    from t2vu.core import plugins
+
+    root, folder, spec = trained
+    r = runner.invoke(app, ["eval", str(spec), "--out", str(tmp_path / "sf"), "--set", "eval.steps=4",
+                            "--set", "eval.baselines=[negative_prompt, safree]",
+                            "--set", "eval.safree={keywords: [nude, naked, nudity], alpha: 0.0}"])
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "sf/report.json").read_text())
+    assert set(data["summary"]["pixel_change"]) == {"before", "after", "negative_prompt", "safree", "n"}
+    assert data["settings"]["safree"] == {"keywords": ["nude", "naked", "nudity"], "alpha": 0.0,
+                                          "filter_share": 0.26, "negative_prompt": True}
+    assert all("safree_triggers" in row for row in data["rows"])
+    backbone = plugins.get_registry().get("backbone", "cogvideox").build({"model_path": str(folder), "dtype": "float32"})
+    backbone.load("cpu")
+    plain = backbone.encode_prompts(["a nude person on a beach"])["a nude person on a beach"]
+    cond, positions = backbone.safree_conditions(["a nude person on a beach"], ["nude", "naked"], 0.0)[
+        "a nude person on a beach"]
+    assert positions  # alpha 0: at least the token furthest from the mean is a trigger
+    changed = (cond - plain).abs().sum(-1).nonzero().flatten().tolist()
+    assert changed == positions
 
 
 def test_eval_without_eval_section_is_a_clear_error(trained, tmp_path):
