@@ -1,7 +1,8 @@
-"""Helpers the built-in backbones share for reading a diffusers pipeline folder."""
+"""Helpers the built-in backbones share for reading a diffusers pipeline folder and running its components."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,6 +26,33 @@ def read_json(path: Path, where: str) -> dict:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise T2VUError(f"backbone.model_path: cannot read {where} ({exc})") from None
+
+
+@contextlib.contextmanager
+def decoding(vae, transformers, device, options):
+    """The VAE on ``device`` for one decode: tiled and sliced with ``options.vae_tiling``; with
+    ``options.offload_for_decode`` the ``transformers`` wait in CPU memory meanwhile and the VAE goes back to it
+    after (both move back and forth whole, as diffusers' model CPU offload moves components)."""
+    import torch
+
+    if getattr(options, "vae_tiling", False):
+        for name in ("enable_tiling", "enable_slicing"):
+            if hasattr(vae, name):
+                getattr(vae, name)()
+    offload = bool(getattr(options, "offload_for_decode", False)) and torch.device(device).type != "cpu"
+    if offload:
+        for t in transformers:
+            t.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    vae.to(device)
+    try:
+        yield vae
+    finally:
+        if offload:
+            vae.to("cpu")
+            for t in transformers:
+                t.to(device)
 
 
 def load_frozen_transformer(cls, path: Path, dtype, device, subfolder: str = "transformer"):

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from t2vu.backbones._folders import decoding
 from t2vu.core.errors import T2VUError
 from t2vu.core.protocols import Guided
 from t2vu.core.text import concept_spans, overlapping
@@ -460,7 +461,8 @@ class CogVideoXBackbone:
             from diffusers import AutoencoderKLCogVideoX
 
             self._vae = AutoencoderKLCogVideoX.from_pretrained(self.path, subfolder="vae", torch_dtype=self.dtype)
-            self._vae.requires_grad_(False).eval().to(self.device)
-        x = latents.to(self.device, self.dtype).permute(0, 2, 1, 3, 4) / self._vae.config.scaling_factor
-        frames = self._vae.decode(x).sample  # [B, 3, frames, H, W] in [-1, 1]
+            self._vae.requires_grad_(False).eval()
+        with decoding(self._vae, [self.transformer], self.device, self.options) as vae:
+            x = latents.to(self.device, self.dtype).permute(0, 2, 1, 3, 4) / vae.config.scaling_factor
+            frames = vae.decode(x).sample  # [B, 3, frames, H, W] in [-1, 1]
         return ((frames.float() + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4)

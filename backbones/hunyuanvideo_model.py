@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from t2vu.backbones._folders import component_class, load_frozen_transformer
+from t2vu.backbones._folders import component_class, decoding, load_frozen_transformer
 from t2vu.backbones._folders import read_json as _read_json
 from t2vu.core.errors import T2VUError
 from t2vu.core.protocols import Guided
@@ -574,7 +574,8 @@ class HunyuanVideoBackbone:
                 raise T2VUError(f"backbone.model_path: {self.path} has no vae/ folder; decoding videos needs it "
                                 f"(download the whole model, e.g. {DOWNLOAD_HINT.format(path=self.path)})")
             self._vae = AutoencoderKLHunyuanVideo.from_pretrained(self.path, subfolder="vae", torch_dtype=self.dtype)
-            self._vae.requires_grad_(False).eval().to(self.device)
-        x = latents.to(self.device, self._vae.dtype) / self._vae.config.scaling_factor
-        video = self._vae.decode(x, return_dict=False)[0]  # [B, 3, frames, H, W] in [-1, 1]
+            self._vae.requires_grad_(False).eval()
+        with decoding(self._vae, [self.transformer], self.device, self.options) as vae:
+            x = latents.to(self.device, vae.dtype) / vae.config.scaling_factor
+            video = vae.decode(x, return_dict=False)[0]  # [B, 3, frames, H, W] in [-1, 1]
         return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)  # the pipeline's denormalize

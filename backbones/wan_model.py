@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from t2vu.backbones._folders import component_class, load_frozen_transformer
+from t2vu.backbones._folders import component_class, decoding, load_frozen_transformer
 from t2vu.backbones._folders import read_json as _read_json
 from t2vu.backbones.wan import DOWNLOAD_HINT, EXPERTS, REQUIRED, experts_config, folder_problem, two_experts
 from t2vu.core.errors import T2VUError
@@ -555,11 +555,11 @@ class WanBackbone:
                 raise T2VUError(f"backbone.model_path: {self.path} has no vae/ folder; decoding videos needs it "
                                 f"(download the whole model, e.g. {DOWNLOAD_HINT.format(path=self.path)})")
             self._vae = AutoencoderKLWan.from_pretrained(self.path, subfolder="vae", torch_dtype=self.dtype)
-            self._vae.requires_grad_(False).eval().to(self.device)
-        vae = self._vae
-        x = latents.to(self.device, vae.dtype)
-        z = vae.config.z_dim
-        mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(x.device, x.dtype)
-        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(x.device, x.dtype)
-        video = vae.decode(x / inv_std + mean, return_dict=False)[0]  # [B, 3, frames, H, W] in [-1, 1]
+            self._vae.requires_grad_(False).eval()
+        with decoding(self._vae, self.experts, self.device, self.options) as vae:
+            x = latents.to(self.device, vae.dtype)
+            z = vae.config.z_dim
+            mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(x.device, x.dtype)
+            inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(x.device, x.dtype)
+            video = vae.decode(x / inv_std + mean, return_dict=False)[0]  # [B, 3, frames, H, W] in [-1, 1]
         return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)  # the pipeline's denormalize

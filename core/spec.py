@@ -64,6 +64,13 @@ class BackboneOptions(Options):
     dtype: Dtype = Field("bfloat16", description="Dtype of the frozen base model.")
     device: Optional[str] = Field(None, description="Device to run on, e.g. 'cuda:1' or 'cpu' (default: "
                                   "accelerate's choice for training, the first GPU if any for generate/eval).")
+    vae_tiling: bool = Field(False, description="generate/eval: decode tile by tile and video by video (the VAE's "
+                             "enable_tiling and enable_slicing), for cards where decoding a whole clip does not fit; "
+                             "videos then differ slightly from the untiled pipeline's.")
+    offload_for_decode: bool = Field(False, description="generate/eval: keep the transformer in CPU memory while the "
+                                     "VAE decodes and the VAE while the transformer samples, as diffusers' model CPU "
+                                     "offload moves whole components: peak memory is the larger of the two, not "
+                                     "their sum, for a transfer each time.")
 
     def preflight(self, clips: "typing.Sequence[Clip]", decode: bool = False) -> "ModelFacts":
         """Check what can be known without loading a weight (``t2vu spec validate``, ``--dry-run``, the start of

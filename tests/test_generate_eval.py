@@ -314,3 +314,41 @@ def test_eval_spec_validation(trained, tmp_path):
     assert r.exit_code == 2
     assert "eval.judges[0].name (line 9): unknown evaluator 'example_jugde'; did you mean 'example_judge'?" in r.output
     assert "eval.prompts.generator (line 8): unknown prompt set 'example_prompt'; did you mean 'example_prompts'?" in r.output
+
+
+def test_vae_tiling_and_offload_for_decode(trained):
+    """backbone.vae_tiling turns on the VAE's tiling and slicing; offload_for_decode moves the transformer out while
+    the VAE decodes (and the VAE out after), as diffusers' model CPU offload moves components."""
+    from t2vu.backbones._folders import decoding
+    from t2vu.core.sampling import generate
+
+    root, folder, spec = trained
+    reg = plugins.get_registry().get("backbone", "cogvideox")
+    videos = []
+    for tiling in (False, True):
+        backbone = reg.build({"model_path": str(folder), "dtype": "float32", "vae_tiling": tiling})
+        backbone.load("cpu")
+        emb = backbone.encode_prompts(["", "a red car"])
+        videos.append(generate(backbone, emb, ["a red car"], [3], num_frames=9, height=32, width=32, steps=2,
+                               guidance=5.0))
+        assert backbone._vae.use_tiling is tiling and backbone._vae.use_slicing is tiling
+    assert torch.allclose(*videos, atol=1e-4)  # a clip smaller than one tile decodes the same
+
+    moves = []
+
+    class Part:
+        def __init__(self, name):
+            self.name = name
+
+        def to(self, device):
+            moves.append((self.name, str(device)))
+            return self
+
+    options = reg.options(model_path=str(folder), offload_for_decode=True)
+    with decoding(Part("vae"), [Part("transformer")], "cuda", options):
+        moves.append(("decode", ""))
+    assert moves == [("transformer", "cpu"), ("vae", "cuda"), ("decode", ""), ("vae", "cpu"), ("transformer", "cuda")]
+    moves.clear()
+    with decoding(Part("vae"), [Part("transformer")], "cuda", reg.options(model_path=str(folder))):
+        pass
+    assert moves == [("vae", "cuda")]  # without offload: the VAE joins the transformer on the device
