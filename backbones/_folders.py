@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from t2vu.core.errors import T2VUError
 
@@ -55,7 +55,49 @@ def decoding(vae, transformers, device, options):
                 t.to(device)
 
 
-def load_frozen_transformer(cls, path: Path, dtype, device, subfolder: str = "transformer"):
-    """``cls.from_pretrained(path/subfolder)`` in ``dtype`` on ``device``, frozen (no gradients, eval mode)."""
+def enable_checkpointing(transformer, every: int = 1) -> None:
+    """Gradient checkpointing of ``transformer``'s blocks through diffusers' own switch: every block, or with
+    ``every=k`` the blocks whose call number in each forward is a multiple of ``k`` (counted from 0 in the order the
+    forward runs them; the others keep their activations). Non-reentrant, as diffusers' default, so erasers on
+    frozen blocks get gradients."""
+    if every <= 1:
+        transformer.enable_gradient_checkpointing()
+        return
+    import torch.utils.checkpoint
+
+    calls = [0]
+
+    def restart(_module, _args):
+        calls[0] = 0
+
+    def every_kth(block, *args):
+        i = calls[0]
+        calls[0] += 1
+        if i % every:
+            return block(*args)
+        return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+
+    if not getattr(transformer, "_t2vu_checkpoint_restart", None):
+        transformer._t2vu_checkpoint_restart = transformer.register_forward_pre_hook(restart)
+    transformer.enable_gradient_checkpointing(gradient_checkpointing_func=every_kth)
+
+
+#: module-name patterns layerwise fp8 storage leaves in the compute dtype, besides diffusers' defaults (norms,
+#: patch and position embeddings, proj_in / proj_out) and each model's own list: every embedding
+KEEP_FROM_FP8 = ("embed",)
+
+
+def load_frozen_transformer(cls, path: Path, dtype, device, subfolder: str = "transformer",
+                            storage: Optional[str] = None):
+    """``cls.from_pretrained(path/subfolder)`` in ``dtype`` on ``device``, frozen (no gradients, eval mode); with
+    ``storage`` (``"float8_e4m3fn"``/``"float8_e5m2"``) its weights stored in that fp8 type and cast up to ``dtype``
+    layer by layer as it runs (diffusers' layerwise casting)."""
     transformer = cls.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype)
-    return transformer.requires_grad_(False).eval().to(device)
+    transformer.requires_grad_(False).eval()
+    if storage is not None:
+        import torch
+        from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+        transformer.enable_layerwise_casting(storage_dtype=getattr(torch, storage), compute_dtype=dtype,
+                                             skip_modules_pattern=tuple(DEFAULT_SKIP_MODULES_PATTERN) + KEEP_FROM_FP8)
+    return transformer.to(device)

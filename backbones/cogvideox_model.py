@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from t2vu.backbones._folders import decoding
+from t2vu.backbones._folders import decoding, enable_checkpointing, load_frozen_transformer
 from t2vu.core.errors import T2VUError
 from t2vu.core.protocols import Guided
 from t2vu.core.text import concept_spans, overlapping
@@ -195,9 +195,8 @@ class CogVideoXBackbone:
         from diffusers import CogVideoXTransformer3DModel
 
         self.device = torch.device(device or "cpu")
-        self.transformer = CogVideoXTransformer3DModel.from_pretrained(
-            self.path, subfolder="transformer", torch_dtype=self.dtype)
-        self.transformer.requires_grad_(False).eval().to(self.device)
+        self.transformer = load_frozen_transformer(CogVideoXTransformer3DModel, self.path, self.dtype, self.device,
+                                                   storage=self.options.storage_dtype)
         self.config = dict(self.transformer.config)
         self.scheduler = self._load_scheduler()
 
@@ -214,8 +213,8 @@ class CogVideoXBackbone:
                             f"{self.path}/scheduler says {scheduler.config.prediction_type!r}")
         return scheduler
 
-    def enable_gradient_checkpointing(self) -> None:
-        self.transformer.enable_gradient_checkpointing()
+    def enable_gradient_checkpointing(self, every: int = 1) -> None:
+        enable_checkpointing(self.transformer, every)
 
     def sites(self):
         return transformer_sites(self.transformer)

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from t2vu.backbones._folders import component_class, decoding, load_frozen_transformer
+from t2vu.backbones._folders import component_class, decoding, enable_checkpointing, load_frozen_transformer
 from t2vu.backbones._folders import read_json as _read_json
 from t2vu.core.errors import T2VUError
 from t2vu.core.protocols import Guided
@@ -304,12 +304,13 @@ class HunyuanVideoBackbone:
         from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3DModel
 
         self.device = torch.device(device or getattr(self.options, "device", None) or "cpu")
-        self.transformer = load_frozen_transformer(HunyuanVideoTransformer3DModel, self.path, self.dtype, self.device)
+        self.transformer = load_frozen_transformer(HunyuanVideoTransformer3DModel, self.path, self.dtype, self.device,
+                                                   storage=self.options.storage_dtype)
         self.config = dict(self.transformer.config)
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(self.path, subfolder="scheduler")
 
-    def enable_gradient_checkpointing(self) -> None:
-        self.transformer.enable_gradient_checkpointing()
+    def enable_gradient_checkpointing(self, every: int = 1) -> None:
+        enable_checkpointing(self.transformer, every)
 
     def sites(self) -> list[Site]:
         return transformer_sites(self.transformer)

@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from t2vu.backbones._folders import component_class, decoding, load_frozen_transformer
+from t2vu.backbones._folders import component_class, decoding, enable_checkpointing, load_frozen_transformer
 from t2vu.backbones._folders import read_json as _read_json
 from t2vu.backbones.wan import DOWNLOAD_HINT, EXPERTS, REQUIRED, experts_config, folder_problem, two_experts
 from t2vu.core.errors import T2VUError
@@ -262,12 +262,13 @@ class WanBackbone:
         from diffusers import WanTransformer3DModel
 
         self.device = torch.device(device or getattr(self.options, "device", None) or "cpu")
-        first = load_frozen_transformer(WanTransformer3DModel, self.path, self.dtype, self.device)
+        storage = self.options.storage_dtype
+        first = load_frozen_transformer(WanTransformer3DModel, self.path, self.dtype, self.device, storage=storage)
         if self.boundary is None:
             self.transformer, self.experts = first, [first]
         else:
             second = load_frozen_transformer(WanTransformer3DModel, self.path, self.dtype, self.device,
-                                             subfolder="transformer_2")
+                                             subfolder="transformer_2", storage=storage)
             self.transformer = Experts(first, second, self.index["boundary_ratio"])
             self.experts = [first, second]
         self.config = dict(self.transformer.config)
@@ -275,9 +276,9 @@ class WanBackbone:
         cls = getattr(diffusers, self.scheduler_config.get("_class_name", "UniPCMultistepScheduler"))
         self.scheduler = cls.from_pretrained(self.path, subfolder="scheduler")
 
-    def enable_gradient_checkpointing(self) -> None:
+    def enable_gradient_checkpointing(self, every: int = 1) -> None:
         for expert in self.experts:
-            expert.enable_gradient_checkpointing()
+            enable_checkpointing(expert, every)
 
     def sites(self) -> list[Site]:
         return transformer_sites(self.transformer)

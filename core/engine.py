@@ -167,8 +167,11 @@ def train(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict
         raise T2VUError(str(exc)) from None
     erasers.attach(sites)
     losses = [(r, r.build()) for r in resolved.losses]
-    if tr.gradient_checkpointing:
+    every = 1 if tr.gradient_checkpointing is True else int(tr.gradient_checkpointing)
+    if every == 1:
         backbone.enable_gradient_checkpointing()
+    elif every > 1:  # (False is 0: no checkpointing)
+        backbone.enable_gradient_checkpointing(every=every)
 
     stream_of = {site.name: site.stream for site in sites}
     chosen = set(erasers.site_names)

@@ -129,10 +129,12 @@ class Backbone(Protocol):
         """Load the frozen transformer (``requires_grad_(False)``, eval mode) and the scheduler on ``device``.
         No VAE, no text encoder."""
 
-    def enable_gradient_checkpointing(self) -> None:
-        """Checkpoint the transformer's blocks in erased (grad) passes. Use non-reentrant checkpointing (diffusers'
-        default): with reentrant checkpointing the erasers get no gradient, since the frozen block inputs need none.
-        The eraser hooks run again when a block is recomputed; that is expected."""
+    def enable_gradient_checkpointing(self, every: int = 1) -> None:
+        """Checkpoint the transformer's blocks in erased (grad) passes; ``every=k`` (``training.gradient_checkpointing:
+        k``) only every k-th block (the engine passes ``every`` only when it is above 1, so a backbone that
+        checkpoints all blocks only may leave it out). Use non-reentrant checkpointing (diffusers' default): with
+        reentrant checkpointing the erasers get no gradient, since the frozen block inputs need none. The eraser
+        hooks run again when a block is recomputed; that is expected."""
 
     def sites(self) -> list:
         """``transformer_sites(self.transformer)``: every place an eraser can attach

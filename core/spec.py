@@ -64,6 +64,11 @@ class BackboneOptions(Options):
     dtype: Dtype = Field("bfloat16", description="Dtype of the frozen base model.")
     device: Optional[str] = Field(None, description="Device to run on, e.g. 'cuda:1' or 'cpu' (default: "
                                   "accelerate's choice for training, the first GPU if any for generate/eval).")
+    storage_dtype: Optional[Literal["float8_e4m3fn", "float8_e5m2"]] = Field(
+        None, description="Keep the frozen transformer's weights in this fp8 type and cast each layer up to dtype "
+        "as it runs (diffusers' layerwise casting): half the weight memory of bf16 at a small cost in precision. "
+        "Norms, embeddings and the input and output projections stay in dtype; erasers and their optimiser state "
+        "stay fp32.")
     vae_tiling: bool = Field(False, description="generate/eval: decode tile by tile and video by video (the VAE's "
                              "enable_tiling and enable_slicing), for cards where decoding a whole clip does not fit; "
                              "videos then differ slightly from the untiled pipeline's.")
@@ -142,7 +147,10 @@ class TrainingSpec(_Strict):
     height: Optional[int] = Field(None, gt=0, description="Height in pixels (default: the backbone's).")
     width: Optional[int] = Field(None, gt=0, description="Width in pixels (default: the backbone's).")
     seed: int = 42
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: Union[bool, Annotated[int, Field(ge=1)]] = Field(
+        True, description="Recompute the transformer blocks' activations in the backward pass instead of keeping "
+        "them: true (every block: the least memory), false (none: the fastest, the most memory), or k (every k-th "
+        "block: in between; 2 keeps about half the activations a run without checkpointing keeps).")
     checkpoint_every: int = Field(0, ge=0, description="Save a checkpoint every N steps (0: never): the eraser "
                                   "plus the optimiser, schedule, RNG and state-pool state that `t2vu run --resume` "
                                   "continues from. Also written when the run is interrupted (Ctrl-C, SIGTERM).")
