@@ -12,6 +12,8 @@ and a forward+backward through the adapters with as many rows as the erased pass
     python benchmarks/backbone_step.py             # GPU: CogVideoX-5B 49x480x720, HunyuanVideo-13B 33x320x512,
                                                    #      Wan2.1-14B and Wan2.2-A14B (both experts) 81x480x832
     python benchmarks/backbone_step.py --cases hunyuanvideo-61x544x960
+    python benchmarks/backbone_step.py --cases cogvideox-5b-49x480x720-fp8 cogvideox-5b-49x480x720-ckpt2 \
+        cogvideox-5b-49x480x720-nockpt hunyuanvideo-13b-33x320x512-fp8      # the memory levers
 
 Numbers are only as good as the machine they come from: RESULTS.md says which were measured where.
 """
@@ -28,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the in-process tokenizers of the test pipelines
@@ -53,20 +56,31 @@ WAN_TINY = dict(patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=
                 qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
 #: Wan 2.2 A14B: the second expert (transformer_2, low noise) takes over below this share of the timesteps
 WAN22_BOUNDARY = 0.875
-#: name -> (backbone, transformer config, text width(s), frames, height, width, VAE config); backbone "wan22" is
-#: the wan backbone on a two-expert folder
+#: name -> (backbone, transformer config, text width(s), frames, height, width, VAE config[, spec changes]); backbone
+#: "wan22" is the wan backbone on a two-expert folder; spec changes: {"backbone": {...}, "training": {...}} options
 CASES = {
     "cogvideox-5b-49x480x720": ("cogvideox", COGVIDEOX_5B, (4096,), 49, 480, 720, (8, 4)),
     "hunyuanvideo-13b-33x320x512": ("hunyuanvideo", HUNYUAN_13B, (4096, 768), 33, 320, 512, (8, 4)),
     "hunyuanvideo-13b-61x544x960": ("hunyuanvideo", HUNYUAN_13B, (4096, 768), 61, 544, 960, (8, 4)),
     "wan-2.1-14b-81x480x832": ("wan", WAN_14B, (4096,), 81, 480, 832, (8, 4)),
     "wan-2.2-a14b-81x480x832": ("wan22", WAN_14B, (4096,), 81, 480, 832, (8, 4)),
+    # the memory levers (docs/training.md), one at a time
+    "cogvideox-5b-49x480x720-fp8": ("cogvideox", COGVIDEOX_5B, (4096,), 49, 480, 720, (8, 4),
+                                    {"backbone": {"storage_dtype": "float8_e4m3fn"}}),
+    "cogvideox-5b-49x480x720-ckpt2": ("cogvideox", COGVIDEOX_5B, (4096,), 49, 480, 720, (8, 4),
+                                      {"training": {"gradient_checkpointing": 2}}),
+    "cogvideox-5b-49x480x720-nockpt": ("cogvideox", COGVIDEOX_5B, (4096,), 49, 480, 720, (8, 4),
+                                       {"training": {"gradient_checkpointing": False}}),
+    "hunyuanvideo-13b-33x320x512-fp8": ("hunyuanvideo", HUNYUAN_13B, (4096, 768), 33, 320, 512, (8, 4),
+                                        {"backbone": {"storage_dtype": "float8_e4m3fn"}}),
 }
 TINY = {
     "cogvideox-tiny": ("cogvideox", COGVIDEOX_TINY, (32,), 9, 32, 32, (8, 4)),
     "hunyuanvideo-tiny": ("hunyuanvideo", HUNYUAN_TINY, (16, 8), 9, 32, 32, (8, 4)),
     "wan-tiny": ("wan", WAN_TINY, (16,), 9, 32, 32, (8, 4)),
     "wan22-tiny": ("wan22", WAN_TINY, (16,), 9, 32, 32, (8, 4)),
+    "cogvideox-tiny-fp8-ckpt2": ("cogvideox", COGVIDEOX_TINY, (32,), 9, 32, 32, (8, 4),
+                                 {"backbone": {"storage_dtype": "float8_e4m3fn"}, "training": {"gradient_checkpointing": 2}}),
 }
 TEMPLATE = "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
 
@@ -183,9 +197,12 @@ def random_transformers(device, dtype):
 
 
 def spec_text(backbone: str, folder: Path, frames: int, height: int, width: int, steps: int, dtype: str,
-              device: str, rank: int, out: Path) -> str:
+              device: str, rank: int, out: Path, changes: Optional[dict] = None) -> str:
     extra = f", prompt_template: {json.dumps(TEMPLATE)}" if backbone == "hunyuanvideo" else ""
     backbone = "wan" if backbone == "wan22" else backbone
+    changes = changes or {}
+    extra += "".join(f", {k}: {json.dumps(v)}" for k, v in changes.get("backbone", {}).items())
+    ckpt = json.dumps(changes.get("training", {}).get("gradient_checkpointing", True))
     return f"""\
 backbone: {{name: {backbone}, model_path: {folder}, dtype: {dtype}, device: {device}{extra}}}
 eraser: {{name: adapter, rank: {rank}}}
@@ -196,7 +213,7 @@ losses:
   - {{name: preservation, weight: 0.5}}
   - {{name: localization, weight: 1.0}}
 training: {{steps: {steps}, batch_size: 1, learning_rate: 1.0e-4, num_frames: {frames}, height: {height}, width: {width},
-           seed: 0, gradient_checkpointing: true, states: noise}}
+           seed: 0, gradient_checkpointing: {ckpt}, states: noise}}
 output: {{dir: {out}}}
 """
 
@@ -207,7 +224,8 @@ def measure(name: str, case: tuple, *, tiny: bool, steps: int, reps: int) -> dic
     from t2vu.core import engine, plugins
     from t2vu.core.spec import load_spec
 
-    backbone_name, config, widths, frames, height, width, vae = case
+    backbone_name, config, widths, frames, height, width, vae = case[:7]
+    changes = case[7] if len(case) > 7 else None
     cuda = torch.cuda.is_available() and not tiny
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -221,7 +239,8 @@ def measure(name: str, case: tuple, *, tiny: bool, steps: int, reps: int) -> dic
         write_folder(folder, backbone_name, config, widths, vae)
         spec = Path(tmp) / "spec.yaml"
         spec.write_text(spec_text(backbone_name, folder, frames, height, width, steps,
-                                  "bfloat16" if cuda else "float32", device, 4 if tiny else 128, Path(tmp) / "run"))
+                                  "bfloat16" if cuda else "float32", device, 4 if tiny else 128, Path(tmp) / "run",
+                                  changes))
         resolved = load_spec(spec, plugins.get_registry())
         impl = resolved.backbone.component.load()
         built, calls = [], []
