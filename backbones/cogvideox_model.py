@@ -171,6 +171,11 @@ class CogVideoXBackbone:
     #: guided()'s ``uncond`` is the negative branch of its two-pass CFG (negative prompting works)
     negative_prompting = True
 
+    @property
+    def latent_dtype(self) -> torch.dtype:
+        """CogVideoXPipeline draws its noise in, and casts the latents back to after every step, the model dtype."""
+        return self.dtype
+
     def __init__(self, options):
         self.options = options
         self.path = Path(options.model_path)

@@ -451,7 +451,11 @@ class WanBackbone:
             high = bool(torch.rand(1, generator=generator).item() >= u_b)
             r = torch.rand(n, generator=generator, dtype=torch.float32)
             u = u_b + (1 - u_b) * r if high else u_b * r
-        return s * u / (1 + (s - 1) * u) * self.num_train_timesteps
+        t = s * u / (1 + (s - 1) * u) * self.num_train_timesteps
+        if self.boundary is not None:  # fp32 rounding at the edges must not cross to the other expert
+            b = torch.tensor(self.boundary, dtype=t.dtype)
+            t = t.clamp(min=b) if high else t.clamp(max=torch.nextafter(b, torch.zeros(())))
+        return t
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``(1 - sigma) x0 + sigma noise`` with ``sigma = t / 1000``: the flow-matching forward process (what

@@ -79,8 +79,10 @@ TINY = {
     "hunyuanvideo-tiny": ("hunyuanvideo", HUNYUAN_TINY, (16, 8), 9, 32, 32, (8, 4)),
     "wan-tiny": ("wan", WAN_TINY, (16,), 9, 32, 32, (8, 4)),
     "wan22-tiny": ("wan22", WAN_TINY, (16,), 9, 32, 32, (8, 4)),
-    "cogvideox-tiny-fp8-ckpt2": ("cogvideox", COGVIDEOX_TINY, (32,), 9, 32, 32, (8, 4),
-                                 {"backbone": {"storage_dtype": "float8_e4m3fn"}, "training": {"gradient_checkpointing": 2}}),
+    "cogvideox-tiny-fp8": ("cogvideox", COGVIDEOX_TINY, (32,), 9, 32, 32, (8, 4),
+                           {"backbone": {"storage_dtype": "float8_e4m3fn"}}),
+    "cogvideox-tiny-ckpt2": ("cogvideox", COGVIDEOX_TINY, (32,), 9, 32, 32, (8, 4),
+                             {"training": {"gradient_checkpointing": 2}}),
 }
 TEMPLATE = "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
 

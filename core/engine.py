@@ -129,6 +129,10 @@ def train(resolved: ResolvedSpec, console=None, on_step: Optional[Callable[[dict
     resumed = checkpoint.load(folder.resume_from[1]) if folder.resume_from else None
     if resumed is not None:
         _check_same_spec(resumed[1]["spec"], resolved, folder.resume_from[1])
+    if getattr(resolved.backbone.options, "storage_dtype", None) and tr.gradient_checkpointing is not True:
+        from t2vu.core.preflight import FP8_NEEDS_CHECKPOINTING
+
+        raise T2VUError(f"backbone.storage_dtype: {FP8_NEEDS_CHECKPOINTING}")
     if getattr(backbone, "expert_count", 1) > 1 and tr.states != "noise":
         from t2vu.core.preflight import TRAJECTORY_EXPERTS
 
@@ -362,8 +366,9 @@ def _kept_metrics(path: Path, step: int) -> list[dict]:
 
 
 #: settings a resumed run may change: they decide what is written and shown, not what is trained
-_RESUMABLE_CHANGES = ("output.", "training.log_every", "training.checkpoint_every", "training.keep_checkpoints",
-                      "eval", "training.divergence_factor")
+_RESUMABLE_CHANGES = ("output.", "training.gradient_checkpointing", "backbone.vae_tiling",
+                      "backbone.offload_for_decode", "training.log_every", "training.checkpoint_every",
+                      "training.keep_checkpoints", "eval", "training.divergence_factor")
 
 
 def _as_resolved_now(saved: dict, resolved: ResolvedSpec) -> dict:

@@ -209,7 +209,7 @@ def evaluate(resolved: ResolvedSpec, eraser: Optional[Path] = None, console=None
     tr = resolved.spec.training
     frames, height, width = ev.num_frames or tr.num_frames, ev.height or tr.height, ev.width or tr.width
 
-    from t2vu.core.sampling import generate
+    from t2vu.core.sampling import generate, side_by_side
 
     options = generation_options(resolved, ev.protocol)
     concept = resolved.spec.concept.target.strip()
@@ -222,13 +222,19 @@ def evaluate(resolved: ResolvedSpec, eraser: Optional[Path] = None, console=None
                                                         options)
     kwargs = dict(num_frames=frames, height=height, width=width, steps=ev.steps, guidance=ev.guidance,
                   batch_size=ev.batch_size)
-    prompts, seeds = [r.prompt for r in rows], [r.seed for r in rows]
-    before = generate(backbone, embeddings, prompts, seeds, disabled_erasers=handles, **kwargs)
-    after = generate(backbone, embeddings, prompts, seeds, **kwargs)
-    baselines, triggers = {}, {}
+    prompts = [r.prompt for r in rows]
+    picked = set(_spread([r.group for r in rows], ev.thumbnails))
+    results: list[EvalResult] = []
+    others: dict[str, list[EvalResult]] = {name: [] for name in ev.baselines}
+    thumbs: dict[int, Any] = {}
+    triggers: dict[str, list[int]] = {}
     try:
-        for name in ev.baselines:  # inference-time methods on the stock model, for comparison
+        methods = {}  # baseline -> generate() arguments: inference-time methods on the stock model, for comparison
+        for name in ev.baselines:  # each checked before anything is generated
             negative = concept if name == "negative_prompt" else safree_negative
+            if name == "safree" and getattr(backbone, "safree_conditions", None) is None:
+                raise T2VUError(f"eval.baselines: backbone {resolved.backbone.name!r} does not offer the safree "
+                                "baseline (its condition has no SAFREE projection yet); drop it")
             if negative is not None and not backbone.negative_prompting:
                 raise T2VUError(f"eval.baselines: {name} guides with a negative prompt, which needs two-pass "
                                 f"guidance with a free negative branch; this {resolved.backbone.name} model does not "
@@ -238,31 +244,35 @@ def evaluate(resolved: ResolvedSpec, eraser: Optional[Path] = None, console=None
                                    "; drop it from eval.baselines"))
             early = None
             if name == "safree":
-                project = getattr(backbone, "safree_conditions", None)
-                if project is None:
-                    raise T2VUError(f"eval.baselines: backbone {resolved.backbone.name!r} does not offer the safree "
-                                    "baseline (its condition has no SAFREE projection yet); drop it")
-                projected = project(list(dict.fromkeys(prompts)), keywords, ev.safree.alpha)
+                projected = backbone.safree_conditions(list(dict.fromkeys(prompts)), keywords, ev.safree.alpha)
                 triggers = {p: found for p, (_, found) in projected.items()}
                 early = ({p: c for p, (c, _) in projected.items()}, round(ev.safree.filter_share * ev.steps))
-            baselines[name] = generate(backbone, embeddings, prompts, seeds, disabled_erasers=handles,
-                                       negative=negative, early=early, **kwargs)
+            methods[name] = dict(negative=negative, early=early)
+        # a batch at a time: generated, judged, then dropped (only the thumbnails' videos are kept)
+        for start in range(0, len(rows), ev.batch_size):
+            chunk = rows[start:start + ev.batch_size]
+            args = ([r.prompt for r in chunk], [r.seed for r in chunk])
+            before = generate(backbone, embeddings, *args, disabled_erasers=handles, **kwargs)
+            after = generate(backbone, embeddings, *args, **kwargs)
+            seen = [_verdicts(judges, v, r.prompt) for v, r in zip(before, chunk)]
+            results += _results(chunk, seen, before, after, judges)
+            for name, extra_args in methods.items():
+                videos = generate(backbone, embeddings, *args, disabled_erasers=handles, **extra_args, **kwargs)
+                others[name] += _results(chunk, seen, before, videos, judges)
+            for j, i in enumerate(range(start, start + len(chunk))):
+                if i in picked:
+                    thumbs[i] = side_by_side(before[j], after[j])
     finally:
         for handle in handles:
             handle.remove()
 
-    def judged(videos) -> list[EvalResult]:
-        return _judge_all(rows, judges, before, videos)
-
-    results = judged(after)
     positive = {j.attribute: j.positive for j in judges if getattr(j, "positive", None)}
 
     def summarize(rs):
         return prompt_set.summarize(rs) if hasattr(prompt_set, "summarize") else generic_summary(rs, positive)
 
     summary = summarize(results)
-    for name, videos in baselines.items():
-        other = judged(videos)
+    for name, other in others.items():
         for metric, value in summarize(other).items():
             if metric in summary:
                 summary[metric][name] = value["after"]
@@ -278,24 +288,30 @@ def evaluate(resolved: ResolvedSpec, eraser: Optional[Path] = None, console=None
                 "judges": [j.to_dict() for j in resolved.judges],
                 "prompts": ev.prompts if not isinstance(ev.prompts, dict) else resolved.eval_prompts.to_dict()}
     attached = [{"path": str(h.path), "scale": h.scale, "metadata": dict(h.metadata)} for h in handles]
-    return write_report(resolved, attached, results, summary, before, after, console, folder, settings)
+    return write_report(resolved, attached, results, summary, thumbs, console, folder, settings)
 
 
-def _judge_all(rows: list[EvalPrompt], judges: list, before, after) -> list[EvalResult]:
-    """Every judge's verdict on each row's two videos (``before`` and ``after``, same seed)."""
-    labellers = [j for j in judges if not hasattr(j, "score")]
-    scorers = [j for j in judges if hasattr(j, "score")]
-    results = []
+def _verdicts(judges: list, video, prompt: str) -> tuple[dict, dict, dict]:
+    """Every judge on one video: labels, per-class counts (judges that count), scores (judges that score)."""
+    labels, counts, scores = {}, {}, {}
+    for j in judges:
+        if hasattr(j, "score"):
+            scores[j.attribute] = j.score(video, prompt)
+            continue
+        label, count = _judge(j, video)
+        labels[j.attribute] = label
+        if count is not None:
+            counts[j.attribute] = count
+    return labels, counts, scores
+
+
+def _results(rows: list[EvalPrompt], seen: list[tuple], before, after, judges: list) -> list[EvalResult]:
+    """One :class:`EvalResult` per row: the verdicts ``seen`` on ``before`` (computed once) and on ``after``."""
+    out = []
     for i, item in enumerate(rows):
-        verdicts = [(j, _judge(j, before[i]), _judge(j, after[i])) for j in labellers]
-        results.append(EvalResult(
-            item, {j.attribute: b[0] for j, b, _ in verdicts}, {j.attribute: a[0] for j, _, a in verdicts},
-            float((after[i] - before[i]).abs().mean()),
-            {j.attribute: b[1] for j, b, _ in verdicts if b[1] is not None},
-            {j.attribute: a[1] for j, _, a in verdicts if a[1] is not None},
-            {j.attribute: j.score(before[i], item.prompt) for j in scorers},
-            {j.attribute: j.score(after[i], item.prompt) for j in scorers}))
-    return results
+        (lb, cb, sb), (la, ca, sa) = seen[i], _verdicts(judges, after[i], item.prompt)
+        out.append(EvalResult(item, lb, la, float((after[i] - before[i]).abs().mean()), cb, ca, sb, sa))
+    return out
 
 
 def _public_metadata(meta: dict) -> dict:
@@ -303,18 +319,17 @@ def _public_metadata(meta: dict) -> dict:
     return {k: v for k, v in meta.items() if k not in ("spec", "backbone_config")}
 
 
-def write_report(resolved, erasers: list[dict], results, summary, before, after, console=None, out=None,
+def write_report(resolved, erasers: list[dict], results, summary, thumbs: dict, console=None, out=None,
                  settings=None) -> dict:
     """``report.json``/``report.md`` and the thumbnails; ``erasers``: ``{"path", "scale", "metadata"}`` per
-    eraser attached, in order."""
-    from t2vu.core.sampling import side_by_side, write_video
+    eraser attached, in order; ``thumbs``: row index -> its side-by-side video (without, with the erasers)."""
+    from t2vu.core.sampling import write_video
 
     out = Path(out) if out is not None else Path(resolved.spec.output.dir) / "eval"
-    thumbs = out / "thumbs"
-    thumbs.mkdir(parents=True, exist_ok=True)
-    picked = _spread(results, resolved.spec.eval.thumbnails)
+    (out / "thumbs").mkdir(parents=True, exist_ok=True)
+    picked = sorted(thumbs)
     for i in picked:
-        write_video(thumbs / f"{i:04d}.gif", side_by_side(before[i], after[i]), fps=resolved.video_defaults.fps,
+        write_video(out / "thumbs" / f"{i:04d}.gif", thumbs[i], fps=resolved.video_defaults.fps,
                     upscale=resolved.video_defaults.upscale)
     erasers = [{**e, "metadata": _public_metadata(e.get("metadata") or {})} for e in erasers]
     report = {
@@ -411,13 +426,13 @@ def _fmt(x) -> str:
     return f"{x:.3f}" if isinstance(x, float) else str(x)
 
 
-def _spread(results: list[EvalResult], n: int) -> list[int]:
-    """Up to ``n`` row indices, taking groups in turn so each group is shown."""
+def _spread(groups_of_rows: list[str], n: int) -> list[int]:
+    """Up to ``n`` row indices, taking the rows' groups in turn so each group is shown."""
     groups: dict[str, list[int]] = {}
-    for i, r in enumerate(results):
-        groups.setdefault(r.item.group, []).append(i)
+    for i, group in enumerate(groups_of_rows):
+        groups.setdefault(group, []).append(i)
     picked: list[int] = []
-    while len(picked) < min(n, len(results)):
+    while len(picked) < min(n, len(groups_of_rows)):
         for idx in groups.values():
             if idx and len(picked) < n:
                 picked.append(idx.pop(0))

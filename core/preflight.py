@@ -425,6 +425,11 @@ def _eraser_problems(resolved: ResolvedSpec, eraser: Path, facts: ModelFacts,
     return problems
 
 
+#: why fp8 weight storage is refused without checkpointing every block
+FP8_NEEDS_CHECKPOINTING = ("fp8 weight storage casts each layer's weights up for its forward, and a block that is not "
+                           "checkpointed keeps those up-cast copies for the backward pass: with "
+                           "training.gradient_checkpointing false or k it holds more weight memory than no fp8 at all; "
+                           "set training.gradient_checkpointing: true, or drop storage_dtype")
 #: why trajectory states are refused on a model with several experts
 TRAJECTORY_EXPERTS = ("this model switches between expert transformers by timestep (Wan 2.2 A14B), and the states "
                       "of a sampled trajectory straddle the switch, so one training step would need both experts; "
@@ -455,6 +460,9 @@ def preflight(resolved: ResolvedSpec, command: str = "run", eraser: Union[Path, 
         found += _site_problems(resolved, facts.sites)
     if facts.experts > 1 and command in ("validate", "run") and resolved.spec.training.states != "noise":
         found.append((("training", "states"), TRAJECTORY_EXPERTS))
+    if (command in ("validate", "run") and getattr(options, "storage_dtype", None)
+            and resolved.spec.training.gradient_checkpointing is not True):
+        found.append((("backbone", "storage_dtype"), FP8_NEEDS_CHECKPOINTING))
     for path in ([eraser] if isinstance(eraser, (str, Path)) else list(eraser or [])):
         found += _eraser_problems(resolved, Path(path), facts, eraser_setting)
     return _problems(resolved, found)

@@ -118,6 +118,9 @@ class Backbone(Protocol):
     #: optional: ``transformer_of(pipe_or_transformer) -> nn.Module``, the module of a stock pipeline erasers attach
     #: to and ``transformer_sites`` reads, for pipelines that run more than one transformer (Wan 2.2 A14B's two
     #: experts; the module then lists them in ``experts``). Default: ``pipe.transformer``.
+    #: optional: ``latent_dtype`` (default fp32), the dtype the pipeline draws its noise in and keeps the latents in
+    #: between steps (CogVideoX: the model dtype); ``generate`` and the sampler follow it so a seed gives the
+    #: pipeline's video in bf16 too.
     #: optional: ``expert_count`` (default 1), how many transformers forwards choose from by timestep; with more
     #: than one, a step's erasers of the others get no gradient (training tells DDP so).
     #: the upstream T2VUnlearning layout of this backbone's erasers (``t2vu.core.upstream.UpstreamLayout``),

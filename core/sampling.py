@@ -13,11 +13,17 @@ from typing import Callable, Optional, Sequence
 import torch
 
 
-def initial_noise(shape: Sequence[int], seed: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Seeded noise on the CPU (the same on every device); drawn from ``generator`` when given (it then goes on
-    to feed a stochastic sampler, as a diffusers pipeline's ``generator`` does)."""
+def initial_noise(shape: Sequence[int], seed: int, generator: Optional[torch.Generator] = None,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Seeded noise on the CPU (the same on every device) in ``dtype``; drawn from ``generator`` when given (it then
+    goes on to feed a stochastic sampler, as a diffusers pipeline's ``generator`` does)."""
     gen = generator if generator is not None else torch.Generator().manual_seed(int(seed))
-    return torch.randn(tuple(shape), generator=gen)
+    return torch.randn(tuple(shape), generator=gen, dtype=dtype)
+
+
+def latent_dtype(backbone) -> torch.dtype:
+    """The dtype the backbone's pipeline keeps latents in between steps (``Backbone.latent_dtype``; default fp32)."""
+    return getattr(backbone, "latent_dtype", torch.float32)
 
 
 @torch.no_grad()
@@ -34,7 +40,8 @@ def run_sampler(backbone, noise: torch.Tensor, cond, uncond, *, steps: int, guid
     sampler's step noise; ``early`` ``(condition, n)``: the first ``n`` steps condition on that instead of ``cond``
     (SAFREE's filtered prompt). Returns the latents where it stopped (clean ones after the last step).
     """
-    x = noise.to(backbone.device)
+    dtype = latent_dtype(backbone)
+    x = noise.to(backbone.device, dtype)
     sampler = backbone.sampler(steps, generator=generator)
     b = x.size(0)
     for i, t in enumerate(sampler.timesteps):
@@ -44,7 +51,7 @@ def run_sampler(backbone, noise: torch.Tensor, cond, uncond, *, steps: int, guid
         out = backbone.guided(x, t.repeat(b), now, uncond, sampler.guidance_scale(guidance, t))
         if visit is not None:
             visit(t, x, out)
-        x = sampler.step(out.prediction, t, x)
+        x = sampler.step(out.prediction, t, x).to(dtype)
     return x
 
 
@@ -74,7 +81,8 @@ def generate(backbone, embeddings: dict, prompts: Sequence[str], seeds: Sequence
         for i in range(0, len(prompts), batch_size):
             chunk, chunk_seeds = list(prompts[i:i + batch_size]), list(seeds[i:i + batch_size])
             generators = [torch.Generator().manual_seed(int(s)) for s in chunk_seeds]
-            noise = torch.stack([initial_noise(shape, s, g) for s, g in zip(chunk_seeds, generators)])
+            noise = torch.stack([initial_noise(shape, s, g, latent_dtype(backbone))
+                                 for s, g in zip(chunk_seeds, generators)])
             cond = backbone.collate([embeddings[p] for p in chunk])
             uncond = backbone.collate([embeddings[negative if negative is not None else ""]] * len(chunk))
             first = (backbone.collate([early[0][p] for p in chunk]), early[1]) if early is not None else None

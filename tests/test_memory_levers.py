@@ -106,3 +106,18 @@ def test_fp8_weight_storage_keeps_norms_embeddings_and_erasers_out(tmp_path, fol
     tensors = read_eraser(result.eraser).tensors
     assert all(v.dtype == torch.float32 for v in tensors.values())  # erasers stay fp32
     assert any(v.abs().sum() > 0 for k, v in tensors.items() if ".up." in k)
+
+
+def test_fp8_storage_without_checkpointing_every_block_is_refused_before_loading(tmp_path, folder):
+    """An un-checkpointed block keeps the up-cast weight copies for backward: fp8 would then cost memory."""
+    from typer.testing import CliRunner
+
+    from t2vu.core.cli import app
+
+    for ckpt in ("false", "2"):
+        spec = tmp_path / f"fp8-{ckpt}.yaml"
+        spec.write_text(SPEC.format(model=folder, ckpt=ckpt, extra=", storage_dtype: float8_e4m3fn",
+                                    out=tmp_path / f"fp8-{ckpt}"))
+        r = CliRunner().invoke(app, ["run", str(spec)])
+        assert r.exit_code == 2 and "backbone.storage_dtype" in r.output and "gradient_checkpointing: true" in r.output
+        assert not (tmp_path / f"fp8-{ckpt}").exists()
