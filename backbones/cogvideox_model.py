@@ -52,7 +52,7 @@ def check_model_folder(path: Path) -> dict:
     if not path.exists():
         raise T2VUError(
             f"backbone.model_path: {path} does not exist. Download the model first, e.g. "
-            f"`huggingface-cli download THUDM/CogVideoX-5b --local-dir {path}`")
+            f"`hf download THUDM/CogVideoX-5b --local-dir {path}` (`huggingface-cli download` before huggingface_hub 1.0)")
     if not path.is_dir():
         raise T2VUError(f"backbone.model_path: {path} is a file; point it at the diffusers model folder")
     missing = [r for r in REQUIRED if not (path / r).exists()]

@@ -34,7 +34,7 @@ from t2vu.core.text import concept_spans, overlapping
 from t2vu.core.upstream import UpstreamLayout
 from t2vu.plugins.adapter_model import Site
 
-DOWNLOAD_HINT = "`huggingface-cli download hunyuanvideo-community/HunyuanVideo --local-dir {path}`"
+DOWNLOAD_HINT = "`hf download hunyuanvideo-community/HunyuanVideo --local-dir {path}` (`huggingface-cli download` before huggingface_hub 1.0)"
 REQUIRED = ("model_index.json", "transformer/config.json", "scheduler/scheduler_config.json", "text_encoder",
             "tokenizer", "text_encoder_2", "tokenizer_2")
 TRANSFORMER_CLASS = "HunyuanVideoTransformer3DModel"

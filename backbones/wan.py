@@ -18,7 +18,7 @@ from t2vu.core.spec import BackboneOptions
 if TYPE_CHECKING:  # pragma: no cover
     from t2vu.core.preflight import Clip, ModelFacts, SiteName
 
-DOWNLOAD_HINT = "`huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir {path}`"
+DOWNLOAD_HINT = "`hf download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir {path}` (`huggingface-cli download` before huggingface_hub 1.0)"
 #: what a Wan folder must hold for training (``vae/`` too for generate and eval)
 REQUIRED = ("model_index.json", "transformer/config.json", "scheduler/scheduler_config.json",
             "text_encoder/config.json", "tokenizer")

@@ -67,8 +67,9 @@ class BackboneOptions(Options):
     storage_dtype: Optional[Literal["float8_e4m3fn", "float8_e5m2"]] = Field(
         None, description="Keep the frozen transformer's weights in this fp8 type and cast each layer up to dtype "
         "as it runs (diffusers' layerwise casting): half the weight memory of bf16 at a small cost in precision. "
-        "Norms, embeddings and the input and output projections stay in dtype; erasers and their optimiser state "
-        "stay fp32.")
+        "Training needs training.gradient_checkpointing: true with it (an un-checkpointed block keeps the up-cast "
+        "copies for backward). Norms, embeddings and the input and output projections stay in dtype; erasers and "
+        "their optimiser state stay fp32.")
     vae_tiling: bool = Field(False, description="generate/eval: decode tile by tile and video by video (the VAE's "
                              "enable_tiling and enable_slicing), for cards where decoding a whole clip does not fit; "
                              "videos then differ slightly from the untiled pipeline's.")
@@ -174,10 +175,10 @@ class TrainingSpec(_Strict):
     guidance_scale: Optional[float] = Field(None, ge=1, description="Trajectory states: guidance scale, as the "
                                             "backbone guides (default: the backbone's).")
     stream_start: dict[Literal["video", "text"], Annotated[int, Field(ge=0)]] = Field(
-        default_factory=dict, description="Eraser stream -> the step it starts at; before it that stream's "
-        "adapters are off (no change, no gradient), e.g. {text: 100}: the video adapters first learn alone "
-        "what they can erase, so it does not hang on the target's words. A late stream runs the whole "
-        "lr_scheduler, warmup included, over the steps it trains.")
+        default_factory=dict, description="Eraser stream -> the step its adapters start training at; before it "
+        "they are off (no change, no gradient). A late stream runs the whole lr_scheduler, warmup included, over "
+        "the steps it trains. E.g. {text: 100} with eraser.streams [video, text]: the video adapters train alone "
+        "first (docs/training.md, 'What the adapter edits').")
     log_every: int = Field(1, gt=0)
 
 

@@ -17,7 +17,7 @@ def _backbone_lines(component: Component) -> list[str]:
             value = getattr(component.options, "example_path", "./model") if name == "model_path" else "null"
             lines.append(f"  {name}: {value}  # (required) {field.description or ''}".rstrip())
         else:
-            lines.append(f"  {name}: {json.dumps(field.default)}{desc}")
+            lines.append(f"  {name}: {json.dumps(field.default, default=str)}{desc}")
     return lines
 
 
@@ -37,7 +37,7 @@ def starter_spec(backbone: Component) -> str:
 {body}
 
 eraser:
-  name: adapter        # Linear -> GELU -> Linear on each self-attention's video output
+  name: adapter        # Linear -> GELU -> Linear adapters on the attention outputs `sites` chooses
   rank: 128{sites}
 
 concept:

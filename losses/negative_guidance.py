@@ -16,8 +16,8 @@ class NegativeGuidanceOptions(LossOptions):
     eta: float = Field(7.0, ge=0, description="Strength of the negative guidance.")
     push_limit: Optional[float] = Field(
         None, gt=0, description="Cap each sample's guidance step eta (v*(c) - v*(a)) at push_limit x ||v*(a)|| "
-        "(None: no cap). A strong eta overshoots on some concepts (washed-out colours, lost motion) and is "
-        "needed by others; the cap bounds the step so that one eta serves both.")
+        "(None: no cap); the direction is kept. Set it when one eta must serve several concepts and the strong "
+        "eta some need makes others' targets overshoot (washed-out or blank samples).")
 
 
 @hookimpl

@@ -16,8 +16,8 @@ class PreservationOptions(LossOptions):
     requires_preserved: ClassVar[bool] = True
     unconditional: bool = Field(
         False, description="Also hold the empty prompt's prediction v'(x_t, '') = v*(x_t, ''). Sampling with "
-        "CFG subtracts it, so an eraser that shifts it along with the concept cancels its own edit; this "
-        "matters when the concept is what the model draws unprompted (the toy world's circle).")
+        "CFG subtracts it, so an eraser that shifts it along with the concept cancels part of its own edit. Turn "
+        "it on when the concept is what the model draws from an empty prompt.")
 
 
 @hookimpl

@@ -42,7 +42,8 @@ class NudeNetOptions(Options):
     ``threshold`` replace the preset's when set. Use ``frames: all`` to reproduce frame-wise protocols, or a
     number for a cheaper, evenly spaced subset."""
 
-    preset: Literal["exposed"] = Field("exposed", description="Named class list and threshold (see NUDENET_PRESETS).")
+    preset: Literal["exposed"] = Field("exposed", description="Named class list and threshold: 'exposed' = the nine "
+                                       "*_EXPOSED classes at score >= 0.6 (docs/evaluation.md).")
     classes: Optional[list[str]] = Field(None, min_length=1, description="NudeNet classes that make a frame "
                                          "unsafe (default: the preset's).")
     threshold: Optional[float] = Field(None, ge=0, le=1, description="Detection score at or above which a class "

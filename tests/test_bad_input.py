@@ -399,7 +399,7 @@ def _(tmp, mp):
 
 
 # the model folder
-@case("model-missing", 2, "backbone.model_path", "does not exist", "huggingface-cli download THUDM/CogVideoX-5b")
+@case("model-missing", 2, "backbone.model_path", "does not exist", "hf download THUDM/CogVideoX-5b")
 def _(tmp, mp):
     return ["spec", "validate", toy_spec(tmp, frames=9, backbone="backbone: {name: cogvideox, model_path: ./m}")]
 

@@ -92,9 +92,14 @@ def test_spec_schema_and_init(tmp_path):
     (tmp_path / "spec.yaml").write_text(r.output)
     assert invoke("spec", "validate", str(tmp_path / "spec.yaml"), "--spec-only").exit_code == 0  # the starter is valid
     r = invoke("spec", "validate", str(tmp_path / "spec.yaml"))  # ... once its model is downloaded
-    assert r.exit_code == 2 and "backbone.model_path" in r.output and "huggingface-cli download" in r.output
+    assert r.exit_code == 2 and "backbone.model_path" in r.output and "hf download" in r.output
     r = invoke("spec", "init", "--backbone", "cogvidex")
     assert r.exit_code == 2 and "did you mean 'cogvideox'" in r.output
+    for backbone in ("hunyuanvideo", "wan", "toy"):  # every installed backbone gets a valid starter (a Path default too)
+        r = invoke("spec", "init", "--backbone", backbone)
+        assert r.exit_code == 0 and f"name: {backbone}" in r.output, r.output
+        (tmp_path / f"{backbone}.yaml").write_text(r.output)
+        assert invoke("spec", "validate", str(tmp_path / f"{backbone}.yaml"), "--spec-only").exit_code == 0
 
 
 LIGHT_CHECK = """

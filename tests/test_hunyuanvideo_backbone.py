@@ -121,7 +121,7 @@ def test_folder_errors_come_before_loading(tmp_path, tiny_folder, monkeypatch):
         raise AssertionError("loaded weights before checking the folder")
 
     monkeypatch.setattr(diffusers.HunyuanVideoTransformer3DModel, "from_pretrained", no_loading)
-    with pytest.raises(T2VUError, match="does not exist. Download the model first.*huggingface-cli download "
+    with pytest.raises(T2VUError, match="does not exist. Download the model first.*hf download "
                                         "hunyuanvideo-community/HunyuanVideo --local-dir"):
         make(tmp_path / "nope")
     (tmp_path / "file").write_text("x")
