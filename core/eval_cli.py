@@ -40,6 +40,9 @@ def generate_command(
     negative_prompt: Optional[str] = typer.Option(
         None, "--negative-prompt", help="Negative prompt of two-pass guidance for the erased video (e.g. the "
         "concept, for negative prompting; with --scale 0 it alone acts); default: the backbone's."),
+    safree: bool = typer.Option(
+        False, "--safree", help="Sample the erased video with SAFREE's prompt projection too (settings: the spec's "
+        "eval.safree; with --scale 0 it alone acts)."),
     seed: int = typer.Option(0, "--seed", help="Noise seed."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Sampler steps (default: the backbone's)."),
     guidance: Optional[float] = typer.Option(
@@ -64,11 +67,19 @@ def generate_command(
         from t2vu.core.evaluate import load_for_generation
         from t2vu.core.sampling import generate, side_by_side, write_video
 
+        from t2vu.core.spec import SafreeSpec
+
+        sf = resolved.spec.eval.safree if resolved.spec.eval is not None else SafreeSpec()
+        keywords = list(sf.keywords or [resolved.spec.concept.target.strip()])
+        if safree and negative_prompt is None and sf.negative_prompt:
+            negative_prompt = ", ".join(keywords)  # as the safree baseline guides
         backbone, handles, embeddings = load_for_generation(
             resolved, erasers, [prompt] + ([negative_prompt] if negative_prompt is not None else []))
         if negative_prompt is not None and not backbone.negative_prompting:
             raise T2VUError(f"--negative-prompt: this {resolved.backbone.name} model guides without a free negative "
                             "branch (one-pass guidance, or a fixed backbone.negative_prompt)")
+        if safree and getattr(backbone, "safree_conditions", None) is None:
+            raise T2VUError(f"--safree: backbone {resolved.backbone.name!r} does not offer SAFREE's projection")
         tr, defaults = resolved.spec.training, resolved.video_defaults
         steps = steps or defaults.steps
         guidance = guidance if guidance is not None else defaults.guidance
@@ -76,7 +87,13 @@ def generate_command(
             raise T2VUError(f"backbone {resolved.backbone.name!r} has no default sampler steps or guidance; "
                             "pass --steps and --guidance")
         kwargs = dict(num_frames=tr.num_frames, height=tr.height, width=tr.width, steps=steps, guidance=guidance)
-        erased = generate(backbone, embeddings, [prompt], [seed], negative=negative_prompt, **kwargs)[0]
+        early = None
+        if safree:
+            projected = backbone.safree_conditions([prompt], keywords, sf.alpha)
+            early = ({prompt: projected[prompt][0]}, round(sf.filter_share * steps))
+            console.print(f"SAFREE projected token positions: {projected[prompt][1] or 'none'}")
+        erased = generate(backbone, embeddings, [prompt], [seed], negative=negative_prompt, early=early,
+                          **kwargs)[0]
         original = generate(backbone, embeddings, [prompt], [seed], disabled_erasers=handles,
                             **kwargs)[0] if compare else None
         for handle in handles:

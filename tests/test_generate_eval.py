@@ -273,6 +273,12 @@ def test_negative_prompting_baseline_sits_beside_the_eraser(trained, tmp_path):
     assert r.exit_code == 0, r.output
     change = float(r.output.split("mean pixel change:")[1].split()[0])
     assert change > 0
+    # SAFREE alone: the projected prompt (and the keywords as negative prompt) at --scale 0
+    r = runner.invoke(app, ["generate", str(spec), "--prompt", "a nude person", "--safree", "--scale", "0",
+                            "--set", "eval.safree.alpha=0.0", "--compare", "--steps", "4", "--out", str(tmp_path / "sf")])
+    assert r.exit_code == 0, r.output
+    assert "SAFREE projected token positions: [" in r.output
+    assert float(r.output.split("mean pixel change:")[1].split()[0]) > 0
 
 
 def test_safree_baseline_projects_the_trigger_tokens(trained, tmp_path):
