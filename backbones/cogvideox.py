@@ -121,6 +121,46 @@ class CogVideoXOptions(BackboneOptions):
         facts.sites, facts.config = site_names(cfg), cfg
         return facts
 
+    def memory_facts(self, clip: Clip):
+        """What ``t2vu estimate`` needs of this architecture for ``clip`` (configs only; ``preflight`` has
+        checked them): a joint sequence of text (first) and video tokens through every block, feed-forward 4x.
+
+        Units of the hidden width per sequence token (bf16 anchors on one H200, docs/estimate.md): a block saves
+        ``8 + r`` for its backward (LayerNorm inputs, pre-norm q/k, SDPA's q/k/v/out, the feed-forward's GELU
+        input; ``r`` the feed-forward ratio), its backward adds ``1 + 2r`` transients; the no-grad forward's
+        working set is ``5.5 + 2r`` (the feed-forward's hidden and GELU output with the block's streams).
+        The capture (``_CaptureProcessor``) recomputes q/k of the joint sequence (model dtype), upcasts the video
+        queries and the keys (fp32) and scores 1024 queries at a time (two fp32 copies)."""
+        from t2vu.core.estimate import Component, MemoryFacts, TextEncoding, Units, library_class, no_vae
+        from t2vu.core.preflight import ModelFacts, read_json, vae_config
+
+        path, scratch = Path(self.model_path), ModelFacts()
+        cfg = read_json(path / "transformer/config.json", "backbone.model_path", scratch) or {}
+        index = read_json(path / "model_index.json", "backbone.model_path", scratch) or {}
+        vae = vae_config(path, scratch)
+        pixels = no_vae(index)  # the toy world: latents are the clips themselves
+        temporal = 1 if pixels else int(vae.get("temporal_compression_ratio",
+                                                cfg.get("temporal_compression_ratio", 4)) or 1)
+        spatial = 1 if pixels else 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+        patch, patch_t = int(cfg.get("patch_size", 2) or 1), int(cfg.get("patch_size_t") or 1)
+        frames = (clip.num_frames - 1) // temporal + 1
+        frames = -(-frames // patch_t)  # CogVideoX 1.5 pads to a multiple of patch_size_t
+        video = frames * (clip.height // spatial // patch) * (clip.width // spatial // patch)
+        text = int(self.max_text_length or cfg.get("max_text_seq_length", 226))
+        heads = int(cfg.get("num_attention_heads", 30))
+        width, blocks, r = heads * int(cfg.get("attention_head_dim", 64)), int(cfg.get("num_layers", 30)), 4.0
+        n = video + text
+        return MemoryFacts(
+            transformers=(Component("transformer", "diffusers",
+                                    cfg.get("_class_name", "CogVideoXTransformer3DModel")),),
+            text_encoders=(TextEncoding(Component("text_encoder", "transformers",
+                                                  library_class(index, "text_encoder", "T5EncoderModel")), text),),
+            width=width, blocks=blocks, video_tokens=video, text_tokens=text, sequence_tokens=n,
+            attention_pairs=blocks * n * n, site_widths={s.name: width for s in site_names(cfg)},
+            forward=Units(5.5 + 2 * r), saved=Units(8 + r), backward=Units(1 + 2 * r),
+            heads=heads, capture=Units(model=2, fp32=2), capture_keys=n, capture_chunk=1024,
+            guided_rows=2)
+
 
 @hookimpl
 def register_backbones(register):

@@ -145,6 +145,51 @@ class HunyuanVideoOptions(BackboneOptions):
             raise ValueError("prompt_template must contain '{}' where the prompt goes")
         return value
 
+    def memory_facts(self, clip: Clip):
+        """What ``t2vu estimate`` needs of this architecture for ``clip`` (configs only; ``preflight`` has
+        checked them): video tokens then the ``max_sequence_length`` text tokens through every double- and
+        single-stream block, MLP ``mlp_ratio``.
+
+        Units of the hidden width per sequence token (bf16 anchors on one H200, docs/estimate.md): a block saves
+        ``7 + r`` for its backward (norm inputs, pre-norm q/k, SDPA's q/k/v/out, the MLP's GELU input), its
+        backward adds ``4 + 3r`` transients (the single block's ``[attention, MLP]`` concatenation and its
+        gradient); the no-grad forward's working set is ``2 + 4r`` (the MLP hidden, its GELU and the
+        concatenation). The capture recomputes q/k (model dtype, RoPE copies), upcasts them (fp32) and scores
+        chunks of at most ``2**25`` fp32 elements (two copies). Llama returns every layer's hidden states."""
+        from t2vu.core.estimate import Component, MemoryFacts, TextEncoding, Units, library_class, no_vae
+        from t2vu.core.preflight import ModelFacts, read_json, vae_config
+
+        path, scratch = Path(self.model_path), ModelFacts()
+        cfg = read_json(path / "transformer/config.json", "backbone.model_path", scratch) or {}
+        index = read_json(path / "model_index.json", "backbone.model_path", scratch) or {}
+        vae = vae_config(path, scratch)
+        pixels = no_vae(index)  # the toy world: latents are the clips themselves
+        temporal = 1 if pixels else int(vae.get("temporal_compression_ratio", 4) or 1)
+        spatial = 1 if pixels else int(vae.get("spatial_compression_ratio", 8) or 1)
+        patch, patch_t = int(cfg.get("patch_size", 2) or 1), int(cfg.get("patch_size_t", 1) or 1)
+        frames = ((clip.num_frames - 1) // temporal + 1) // patch_t
+        video = frames * (clip.height // spatial // patch) * (clip.width // spatial // patch)
+        text = int(self.max_sequence_length)
+        heads = int(cfg.get("num_attention_heads", 24))
+        width = heads * int(cfg.get("attention_head_dim", 128))
+        blocks = int(cfg.get("num_layers", 20)) + int(cfg.get("num_single_layers", 40))
+        r = float(cfg.get("mlp_ratio", 4.0))
+        crop = self.crop_start if self.crop_start is not None else (95 if self.prompt_template is None else 0)
+        n = video + text
+        llama = Component("text_encoder", "transformers", library_class(index, "text_encoder", "LlamaModel"))
+        clip_encoder = Component("text_encoder_2", "transformers", library_class(index, "text_encoder_2",
+                                                                                 "CLIPTextModel"))
+        return MemoryFacts(
+            transformers=(Component("transformer", "diffusers",
+                                    cfg.get("_class_name", "HunyuanVideoTransformer3DModel")),),
+            text_encoders=(TextEncoding(llama, crop + text, all_hidden_states=True), TextEncoding(clip_encoder, 77)),
+            width=width, blocks=blocks, video_tokens=video, text_tokens=text, sequence_tokens=n,
+            attention_pairs=blocks * n * n, site_widths={s.name: width for s in site_names(cfg)},
+            forward=Units(2 + 4 * r), saved=Units(7 + r), backward=Units(4 + 3 * r),
+            attention_live=Units(3 + 2 * r),  # a single block computes its MLP before its attention
+            heads=heads, capture=Units(model=2, fp32=2), capture_keys=n, capture_budget=1 << 25,
+            guided_rows=1 if cfg.get("guidance_embeds", True) else 2)
+
 
 @hookimpl
 def register_backbones(register):

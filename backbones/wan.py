@@ -189,6 +189,46 @@ class WanOptions(BackboneOptions):
             facts.sites, facts.config = site_names(cfg), cfg
         return facts
 
+    def memory_facts(self, clip: Clip):
+        """What ``t2vu estimate`` needs of this architecture for ``clip`` (configs only; ``preflight`` has
+        checked them): self-attention over the video tokens, cross-attention onto ``max_text_length`` text
+        tokens, feed-forward ``ffn_dim``; Wan 2.2 A14B holds both experts, a forward runs one.
+
+        Units of the hidden width per video token, from the block's code (no GPU anchor yet, docs/estimate.md):
+        a block saves ``9 + r`` in the model dtype (pre-norm q/k, both SDPAs, the FFN's GELU input; ``r`` =
+        ffn_dim / width) and 3 in fp32 (the FP32LayerNorms' inputs), its backward adds ``1 + 2r`` (+2 fp32); the
+        no-grad forward's working set is ``3 + 2r`` (+2 fp32). The capture scores video queries against the text
+        keys in chunks of at most ``2**25`` fp32 elements."""
+        from t2vu.core.estimate import Component, MemoryFacts, TextEncoding, Units, library_class
+        from t2vu.core.preflight import ModelFacts, read_json, vae_config
+
+        path, scratch = Path(self.model_path), ModelFacts()
+        cfg = read_json(path / "transformer/config.json", "backbone.model_path", scratch) or {}
+        index = read_json(path / "model_index.json", "backbone.model_path", scratch) or {}
+        vae = vae_config(path, scratch)
+        temporal = int(vae.get("scale_factor_temporal", 4) or 1)
+        spatial = int(vae.get("scale_factor_spatial", 8) or 1)
+        patch = [int(p) for p in (cfg.get("patch_size") or [1, 2, 2])]
+        frames = ((clip.num_frames - 1) // temporal + 1) // patch[0]
+        video = frames * (clip.height // spatial // patch[1]) * (clip.width // spatial // patch[2])
+        text = int(self.max_text_length)
+        heads = int(cfg.get("num_attention_heads", 40))
+        width = heads * int(cfg.get("attention_head_dim", 128))
+        blocks = int(cfg.get("num_layers", 40))
+        r = float(cfg.get("ffn_dim", 4 * width)) / width
+        experts = two_experts(index)
+        transformer = cfg.get("_class_name", TRANSFORMER_CLASS)
+        return MemoryFacts(
+            transformers=tuple(Component(e, "diffusers", transformer) for e in (EXPERTS if experts else EXPERTS[:1])),
+            text_encoders=(TextEncoding(Component("text_encoder", "transformers",
+                                                  library_class(index, "text_encoder", "UMT5EncoderModel")), text),),
+            width=width, blocks=blocks, video_tokens=video, text_tokens=text, sequence_tokens=video,
+            attention_pairs=blocks * (video * video + video * text),
+            site_widths={s.name: width for s in site_names(cfg, experts=experts)},
+            forward=Units(3 + 2 * r, fp32=2), saved=Units(9 + r, fp32=3), backward=Units(1 + 2 * r, fp32=2),
+            heads=heads, capture=Units(fp32=1), capture_keys=text, capture_budget=1 << 25, guided_rows=2,
+            notes=("the Wan numbers are derived from the block's code, not yet checked against a GPU measurement",))
+
 
 @hookimpl
 def register_backbones(register):

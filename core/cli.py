@@ -215,6 +215,29 @@ def print_plan(resolved) -> None:
     console.print(f"output: {s.output.dir}")
 
 
+# -- estimate ----------------------------------------------------------------------
+@app.command(epilog="Examples: t2vu estimate spec.yaml --gpu-memory 24\n\n  t2vu estimate spec.yaml --json "
+                    "--set training.num_frames=25")
+def estimate(
+    spec: Path = typer.Argument(..., help="The run spec (YAML)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (peak_gb, breakdown, phases, iteration, ...)."),
+    gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", min=1, help="A card's memory in GB (2^30 "
+                                               "bytes): say whether the run fits and which settings make it fit."),
+) -> None:
+    """Predict the peak training memory and per-iteration cost of a spec without loading weights (the model
+    folder's configs are enough), with a breakdown and, with --gpu-memory, the settings that fit a card."""
+    resolved = load_resolved(spec, set_)
+    from t2vu.core.estimate import estimate as estimate_spec
+    from t2vu.core.estimate import render
+
+    result = estimate_spec(resolved, gpu_memory=gpu_memory)
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
+    else:
+        render(result, console)
+
+
 # -- plugins ---------------------------------------------------------------------
 def _plugin_rows(kind: Optional[str]) -> list[dict[str, Any]]:
     registry = plugin_manager.get_registry()

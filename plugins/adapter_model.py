@@ -178,13 +178,16 @@ class EraserSet(nn.Module):
     @contextlib.contextmanager
     def recording(self) -> Iterator[dict[str, torch.Tensor]]:
         """Keep each video eraser's output (``[B, N_video, dim]``) of the next forward (text sites are
-        not recorded: their tokens have no place in the video)."""
-        self.outputs = {}
+        not recorded: their tokens have no place in the video). The set lets go of them when the block ends: the
+        caller's dict is then the only reference, so they (and their graph) are freed with it after the loss."""
+        outputs: dict[str, torch.Tensor] = {}
+        self.outputs = outputs
         self.record = True
         try:
-            yield self.outputs
+            yield outputs
         finally:
             self.record = False
+            self.outputs = {}
 
     def state_dict_by_site(self) -> dict[str, torch.Tensor]:
         """``{site}.{param}`` -> tensor, e.g. ``transformer_blocks.0.attn1.down.weight``."""
