@@ -159,6 +159,7 @@ class CogVideoXOptions(BackboneOptions):
             attention_pairs=blocks * n * n, site_widths={s.name: width for s in site_names(cfg)},
             forward=Units(5.5 + 2 * r), saved=Units(8 + r), backward=Units(1 + 2 * r),
             heads=heads, capture=Units(model=2, fp32=2), capture_keys=n, capture_chunk=1024,
+            capture_budget=1 << 25,
             guided_rows=2)
 
 

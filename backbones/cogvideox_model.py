@@ -20,6 +20,9 @@ from t2vu.core.upstream import UpstreamLayout
 from t2vu.plugins.adapter_model import Site
 
 
+#: most fp32 scores one chunk of :class:`_CaptureProcessor` holds (rows x heads x queries x keys)
+CAPTURE_BUDGET = 1 << 25
+
 def transformer_sites(transformer: nn.Module) -> list[Site]:
     """Eraser sites of a CogVideoX transformer, per block: ``attn1``'s video output (stream ``video``,
     named ``transformer_blocks.<i>.attn1``) and the text tokens ``attn1`` is called with (stream
@@ -117,8 +120,10 @@ class _CaptureProcessor:
         video_q, k = q[:, :, n_text:].float(), k.float()
         keep = masks.float()[:, None, None, :]  # [b, 1, 1, n_text]
         pieces = []
-        for start in range(0, video_q.size(2), self.chunk):
-            scores = (video_q[:, :, start:start + self.chunk] @ k.transpose(-1, -2)) * scale
+        b, heads, n_keys = video_q.size(0), video_q.size(1), k.size(2)
+        chunk = min(self.chunk, max(1, CAPTURE_BUDGET // max(1, b * heads * n_keys)))  # bounded fp32 scores
+        for start in range(0, video_q.size(2), chunk):
+            scores = (video_q[:, :, start:start + chunk] @ k.transpose(-1, -2)) * scale
             lse = torch.logsumexp(scores, dim=-1, keepdim=True)
             probs = torch.exp(scores[..., :n_text] - lse) * keep
             pieces.append(probs.sum(-1).mean(1))  # sum over concept tokens, mean over heads
