@@ -112,21 +112,22 @@ def check_folder(path: Path, facts: ModelFacts, decode: bool, hint: str = DOWNLO
         from t2vu.core.preflight import read_json
 
         second = read_json(path / "transformer_2" / "config.json", setting, facts)
-        if second is not None and _public(second) != _public(cfg):
+        from t2vu.core.eraser_file import _public_config
+
+        if second is not None and _public_config(second) != _public_config(cfg):
             facts.problem(setting, f"{path}/transformer_2 has another architecture than {path}/transformer; the two "
                                    "experts of a Wan 2.2 A14B folder share one config")
             return None
     return cfg
 
 
-def _public(config: dict) -> dict:
-    return {k: v for k, v in config.items() if not k.startswith("_")}
-
-
 def experts_config(first: dict, second: dict, boundary_ratio: float) -> dict:
     """The config a two-expert model is known by (hashed into its eraser files): both experts' configs (without
     the ``_`` keys, which differ between diffusers versions) and the boundary."""
-    return {"transformer": _public(first), "transformer_2": _public(second), "boundary_ratio": float(boundary_ratio)}
+    from t2vu.core.eraser_file import _public_config
+
+    return {"transformer": _public_config(first), "transformer_2": _public_config(second),
+            "boundary_ratio": float(boundary_ratio)}
 
 
 class WanOptions(BackboneOptions):

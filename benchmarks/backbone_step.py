@@ -64,26 +64,24 @@ CASES = {
     "hunyuanvideo-13b-61x544x960": ("hunyuanvideo", HUNYUAN_13B, (4096, 768), 61, 544, 960, (8, 4)),
     "wan-2.1-14b-81x480x832": ("wan", WAN_14B, (4096,), 81, 480, 832, (8, 4)),
     "wan-2.2-a14b-81x480x832": ("wan22", WAN_14B, (4096,), 81, 480, 832, (8, 4)),
-    # the memory levers (docs/training.md), one at a time
-    "cogvideox-5b-49x480x720-fp8": ("cogvideox", COGVIDEOX_5B, (4096,), 49, 480, 720, (8, 4),
-                                    {"backbone": {"storage_dtype": "float8_e4m3fn"}}),
-    "cogvideox-5b-49x480x720-ckpt2": ("cogvideox", COGVIDEOX_5B, (4096,), 49, 480, 720, (8, 4),
-                                      {"training": {"gradient_checkpointing": 2}}),
-    "cogvideox-5b-49x480x720-nockpt": ("cogvideox", COGVIDEOX_5B, (4096,), 49, 480, 720, (8, 4),
-                                       {"training": {"gradient_checkpointing": False}}),
-    "hunyuanvideo-13b-33x320x512-fp8": ("hunyuanvideo", HUNYUAN_13B, (4096, 768), 33, 320, 512, (8, 4),
-                                        {"backbone": {"storage_dtype": "float8_e4m3fn"}}),
+}
+# the memory levers (docs/training.md), one at a time, on the cases above: name -> (base case, spec changes)
+LEVERS = {
+    "cogvideox-5b-49x480x720-fp8": ("cogvideox-5b-49x480x720", {"backbone": {"storage_dtype": "float8_e4m3fn"}}),
+    "cogvideox-5b-49x480x720-ckpt2": ("cogvideox-5b-49x480x720", {"training": {"gradient_checkpointing": 2}}),
+    "cogvideox-5b-49x480x720-nockpt": ("cogvideox-5b-49x480x720", {"training": {"gradient_checkpointing": False}}),
+    "hunyuanvideo-13b-33x320x512-fp8": ("hunyuanvideo-13b-33x320x512", {"backbone": {"storage_dtype": "float8_e4m3fn"}}),
 }
 TINY = {
     "cogvideox-tiny": ("cogvideox", COGVIDEOX_TINY, (32,), 9, 32, 32, (8, 4)),
     "hunyuanvideo-tiny": ("hunyuanvideo", HUNYUAN_TINY, (16, 8), 9, 32, 32, (8, 4)),
     "wan-tiny": ("wan", WAN_TINY, (16,), 9, 32, 32, (8, 4)),
     "wan22-tiny": ("wan22", WAN_TINY, (16,), 9, 32, 32, (8, 4)),
-    "cogvideox-tiny-fp8": ("cogvideox", COGVIDEOX_TINY, (32,), 9, 32, 32, (8, 4),
-                           {"backbone": {"storage_dtype": "float8_e4m3fn"}}),
-    "cogvideox-tiny-ckpt2": ("cogvideox", COGVIDEOX_TINY, (32,), 9, 32, 32, (8, 4),
-                             {"training": {"gradient_checkpointing": 2}}),
 }
+TINY_LEVERS = {"cogvideox-tiny-fp8": ("cogvideox-tiny", {"backbone": {"storage_dtype": "float8_e4m3fn"}}),
+               "cogvideox-tiny-ckpt2": ("cogvideox-tiny", {"training": {"gradient_checkpointing": 2}})}
+CASES.update({name: CASES[base] + (changes,) for name, (base, changes) in LEVERS.items()})
+TINY.update({name: TINY[base] + (changes,) for name, (base, changes) in TINY_LEVERS.items()})
 TEMPLATE = "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
 
 

@@ -67,19 +67,16 @@ def generate_command(
         from t2vu.core.evaluate import load_for_generation
         from t2vu.core.sampling import generate, side_by_side, write_video
 
-        from t2vu.core.spec import SafreeSpec
+        from t2vu.core.evaluate import safree_early, safree_settings
 
-        sf = resolved.spec.eval.safree if resolved.spec.eval is not None else SafreeSpec()
-        keywords = list(sf.keywords or [resolved.spec.concept.target.strip()])
-        if safree and negative_prompt is None and sf.negative_prompt:
-            negative_prompt = ", ".join(keywords)  # as the safree baseline guides
+        sf, keywords, safree_negative = safree_settings(resolved)
+        if safree and negative_prompt is None:
+            negative_prompt = safree_negative  # as the safree baseline guides
         backbone, handles, embeddings = load_for_generation(
             resolved, erasers, [prompt] + ([negative_prompt] if negative_prompt is not None else []))
         if negative_prompt is not None and not backbone.negative_prompting:
             raise T2VUError(f"--negative-prompt: this {resolved.backbone.name} model guides without a free negative "
                             "branch (one-pass guidance, or a fixed backbone.negative_prompt)")
-        if safree and getattr(backbone, "safree_conditions", None) is None:
-            raise T2VUError(f"--safree: backbone {resolved.backbone.name!r} does not offer SAFREE's projection")
         tr, defaults = resolved.spec.training, resolved.video_defaults
         steps = steps or defaults.steps
         guidance = guidance if guidance is not None else defaults.guidance
@@ -89,9 +86,8 @@ def generate_command(
         kwargs = dict(num_frames=tr.num_frames, height=tr.height, width=tr.width, steps=steps, guidance=guidance)
         early = None
         if safree:
-            projected = backbone.safree_conditions([prompt], keywords, sf.alpha)
-            early = ({prompt: projected[prompt][0]}, round(sf.filter_share * steps))
-            console.print(f"SAFREE projected token positions: {projected[prompt][1] or 'none'}")
+            early, triggers = safree_early(backbone, [prompt], keywords, sf, steps, "--safree")
+            console.print(f"SAFREE projected token positions: {triggers[prompt] or 'none'}")
         erased = generate(backbone, embeddings, [prompt], [seed], negative=negative_prompt, early=early,
                           **kwargs)[0]
         original = generate(backbone, embeddings, [prompt], [seed], disabled_erasers=handles,

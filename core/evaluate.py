@@ -153,6 +153,27 @@ def chosen_erasers(resolved: ResolvedSpec, erasers: Optional[Sequence[Path]] = N
     return [(p, float(v)) for p, v in zip(paths, values)]
 
 
+def safree_settings(resolved: ResolvedSpec):
+    """The safree baseline's settings (``eval.safree``; the defaults without an eval block), its keywords (default:
+    ``[concept.target]``) and the negative prompt it guides with (the keywords joined, or ``None``)."""
+    from t2vu.core.spec import SafreeSpec
+
+    settings = resolved.spec.eval.safree if resolved.spec.eval is not None else SafreeSpec()
+    keywords = list(settings.keywords or [resolved.spec.concept.target.strip()])
+    return settings, keywords, ", ".join(keywords) if settings.negative_prompt else None
+
+
+def safree_early(backbone, prompts: list[str], keywords: list[str], settings, steps: int, setting: str):
+    """``((condition per prompt, the steps that use them), trigger positions per prompt)`` for ``generate``'s
+    ``early``; :class:`T2VUError` naming ``setting`` when the backbone offers no SAFREE projection."""
+    if getattr(backbone, "safree_conditions", None) is None:
+        raise T2VUError(f"{setting}: backbone {backbone.name!r} does not offer the safree baseline (its condition "
+                        "has no SAFREE projection yet)")
+    projected = backbone.safree_conditions(list(dict.fromkeys(prompts)), keywords, settings.alpha)
+    early = ({p: c for p, (c, _) in projected.items()}, round(settings.filter_share * steps))
+    return early, {p: found for p, (_, found) in projected.items()}
+
+
 def load_for_generation(resolved: ResolvedSpec, erasers: Sequence[tuple[Path, float]], prompts: list[str],
                         options=None):
     """The backbone (loaded, with ``options``: default the spec's), the erasers attached to it (``(file,
@@ -213,8 +234,7 @@ def evaluate(resolved: ResolvedSpec, eraser: Optional[Path] = None, console=None
 
     options = generation_options(resolved, ev.protocol)
     concept = resolved.spec.concept.target.strip()
-    keywords = list(ev.safree.keywords or [concept])
-    safree_negative = ", ".join(keywords) if ev.safree.negative_prompt else None
+    _, keywords, safree_negative = safree_settings(resolved)
     extra = [concept] if "negative_prompt" in ev.baselines else []
     if "safree" in ev.baselines and safree_negative is not None:
         extra.append(safree_negative)
@@ -232,9 +252,9 @@ def evaluate(resolved: ResolvedSpec, eraser: Optional[Path] = None, console=None
         methods = {}  # baseline -> generate() arguments: inference-time methods on the stock model, for comparison
         for name in ev.baselines:  # each checked before anything is generated
             negative = concept if name == "negative_prompt" else safree_negative
-            if name == "safree" and getattr(backbone, "safree_conditions", None) is None:
-                raise T2VUError(f"eval.baselines: backbone {resolved.backbone.name!r} does not offer the safree "
-                                "baseline (its condition has no SAFREE projection yet); drop it")
+            early = None
+            if name == "safree":  # (refused first where the backbone has no projection at all)
+                early, triggers = safree_early(backbone, prompts, keywords, ev.safree, ev.steps, "eval.baselines")
             if negative is not None and not backbone.negative_prompting:
                 raise T2VUError(f"eval.baselines: {name} guides with a negative prompt, which needs two-pass "
                                 f"guidance with a free negative branch; this {resolved.backbone.name} model does not "
@@ -242,11 +262,6 @@ def evaluate(resolved: ResolvedSpec, eraser: Optional[Path] = None, console=None
                                 "backbone.negative_prompt takes the branch)"
                                 + ("; set eval.safree.negative_prompt: false" if name == "safree" else
                                    "; drop it from eval.baselines"))
-            early = None
-            if name == "safree":
-                projected = backbone.safree_conditions(list(dict.fromkeys(prompts)), keywords, ev.safree.alpha)
-                triggers = {p: found for p, (_, found) in projected.items()}
-                early = ({p: c for p, (c, _) in projected.items()}, round(ev.safree.filter_share * ev.steps))
             methods[name] = dict(negative=negative, early=early)
         # a batch at a time: generated, judged, then dropped (only the thumbnails' videos are kept)
         for start in range(0, len(rows), ev.batch_size):
